@@ -1,0 +1,1 @@
+"""attnserve export: committed checkpoints -> verified ONNX artifacts with a manifest."""

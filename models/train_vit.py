@@ -1,0 +1,131 @@
+"""Train the ViT on Fashion-MNIST: train on 55k, pick checkpoints on the last 5k of train, report test."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from models.checkpoint import CHECKPOINTS, save_checkpoint
+from models.data import FASHION_LABELS, fashion_mnist
+from models.training import Budget, hardware, load_state, save_state, seed_everything, set_lr
+from models.vit import ViT, ViTConfig
+
+MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel statistics (after /255)
+VALID = 5000
+
+
+def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), as the service's preprocessing does."""
+    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)[:, None] / 255.0
+    return (x - MEAN) / STD
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop (pad 2) and horizontal flip, on a normalised batch."""
+    n = x.size(0)
+    padded = F.pad(x, (2, 2, 2, 2), value=-MEAN / STD)
+    dx, dy = torch.randint(0, 5, (2,), generator=gen).tolist()  # one offset per batch: cheap, still varied
+    x = padded[:, :, dy : dy + 28, dx : dx + 28]
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+@torch.no_grad()
+def accuracy(model: ViT, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images), batch):
+        logits, _ = model(normalize(images[i : i + batch]))
+        correct += int((logits.argmax(-1).numpy() == labels[i : i + batch]).sum())
+    return correct / len(images)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="attnserve train vit")
+    p.add_argument("--out", type=Path, default=CHECKPOINTS / "vit-fashion")
+    p.add_argument("--state", type=Path, default=Path("runs/vit-fashion/state.pt"))
+    p.add_argument("--max-minutes", type=float, default=60.0)
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny model and data, for tests")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    images, labels = fashion_mnist("train")
+    train_x, train_y, valid_x, valid_y = images[:-VALID], labels[:-VALID], images[-VALID:], labels[-VALID:]
+    cfg = ViTConfig()
+    if args.tiny:
+        train_x, train_y, valid_x, valid_y = train_x[:1024], train_y[:1024], valid_x[:256], valid_y[:256]
+        cfg = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=64)
+    model = ViT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    steps_per_epoch = len(train_x) // args.batch_size
+    budget = Budget(args.lr, args.warmup, args.max_minutes, steps_per_epoch * args.epochs)
+    best, history, epoch = -1.0, [], 0
+    state = load_state(args.state) if args.resume else None
+    if state:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        budget.step, budget.elapsed_s = state["budget"]["step"], state["budget"]["elapsed_s"]
+        budget.max_minutes = budget.elapsed_s / 60 + args.max_minutes
+        best, history, epoch = state["best"], state["history"], state["epoch"]
+        print(f"resumed at epoch {epoch}, {budget.elapsed_s / 60:.1f} min trained, best valid acc {best}")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"vit: {n_params / 1e6:.2f} M params, {len(train_x)} train images, {steps_per_epoch} steps/epoch, {hardware()}")
+    command = "attnserve train vit " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    x_all, y_all = normalize(train_x), torch.as_tensor(train_y)
+    wall0 = time.time()
+    while epoch < args.epochs and not budget.done():
+        model.train()
+        perm = torch.randperm(len(train_x), generator=gen)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}", mininterval=30, file=sys.stdout)
+        for s in bar:
+            idx = perm[s * args.batch_size : (s + 1) * args.batch_size]
+            set_lr(opt, budget.tick())
+            logits, _ = model(augment(x_all[idx], gen))
+            loss = F.cross_entropy(logits, y_all[idx], label_smoothing=0.1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if budget.done():
+                break
+        epoch += 1
+        budget.pause()
+        acc = accuracy(model, valid_x, valid_y)
+        history.append({"epoch": epoch, "step": budget.step, "train_minutes": round(budget.elapsed_s / 60, 1), "valid_accuracy": acc})
+        print(json.dumps(history[-1]), flush=True)
+        if acc > best:
+            best = acc
+            info = {
+                "command": command, "params": n_params, "steps": budget.step, "epochs": epoch,
+                "train_minutes": round(budget.elapsed_s / 60, 1), "hardware": hardware(), "seed": args.seed,
+                "batch_size": args.batch_size, "lr": args.lr, "history": history,
+            }
+            extra = {"training": info, "valid": {"accuracy": acc, "n": len(valid_x)}, "labels": FASHION_LABELS,
+                     "preprocessing": {"size": [28, 28], "mode": "L", "scale": 1 / 255, "mean": MEAN, "std": STD}}
+            save_checkpoint(model, args.out, kind="vit", extra=extra)
+        save_state(args.state, model, opt, budget, {"best": best, "history": history, "epoch": epoch})
+        budget.resume()
+    print(f"done: best valid accuracy {best:.4f}, {budget.elapsed_s / 60:.1f} training min, {(time.time() - wall0) / 60:.1f} wall min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""attnserve serving layer: ONNX Runtime + Ray Serve. Never imports torch or models/."""

@@ -1,0 +1,43 @@
+"""The `attnserve` command. Each subcommand lives in the layer it belongs to and parses its own flags.
+
+This is the one place that names every layer; it imports a subcommand's module only when that
+subcommand runs, so `attnserve serve` never loads torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("train", "translator"): ("models.train_translator:main", "train the English->Spanish translator"),
+    ("train", "vit"): ("models.train_vit:main", "train the Fashion-MNIST ViT"),
+    ("eval", "translator"): ("export.evaluate:translator_main", "BLEU/chrF of the translator on a TSV file"),
+    ("eval", "vit"): ("export.evaluate:vit_main", "accuracy of the ViT on an .npz file"),
+    ("export",): ("export.cli:main", "checkpoints -> verified ONNX artifacts"),
+    ("serve",): ("service.serve:main", "start Ray and the Serve app, print URLs"),
+    ("bench", "runtime"): ("export.bench_runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
+    ("bench", "http"): ("service.bench_http:main", "the HTTP service vs a single-process baseline"),
+}
+
+
+def usage() -> str:
+    rows = [f"  attnserve {' '.join(k):<18} {help_}" for k, (_, help_) in COMMANDS.items()]
+    return "usage: attnserve COMMAND [--help]\n\ncommands:\n" + "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            module, func = COMMANDS[key][0].split(":")
+            sys.argv = [f"attnserve {' '.join(key)}", *argv[n:]]
+            getattr(importlib.import_module(module), func)(argv[n:])
+            return
+    print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+
+
+if __name__ == "__main__":
+    main()
