@@ -25,7 +25,7 @@ VALID = 5000
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float (N, 1, 28, 28), as the service's preprocessing does."""
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)[:, None] / 255.0
+    x = torch.from_numpy(np.array(images, dtype=np.float32))[:, None] / 255.0
     return (x - MEAN) / STD
 
 

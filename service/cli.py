@@ -12,6 +12,8 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("train", "translator"): ("models.train_translator:main", "train the English->Spanish translator"),
     ("train", "vit"): ("models.train_vit:main", "train the Fashion-MNIST ViT"),
+    ("data",): ("models.prepare:main", "write eval inputs (split TSVs, test .npz) to data-cache/"),
+    ("model-card",): ("models.model_card:main", "measure checkpoints on test, write MODEL_CARD.md"),
     ("eval", "translator"): ("export.evaluate:translator_main", "BLEU/chrF of the translator on a TSV file"),
     ("eval", "vit"): ("export.evaluate:vit_main", "accuracy of the ViT on an .npz file"),
     ("export",): ("export.cli:main", "checkpoints -> verified ONNX artifacts"),

@@ -1,0 +1,32 @@
+"""`attnserve data`: write the evaluation inputs the eval commands take, from ../shared/data.
+
+spa-eng splits as ``english<TAB>spanish`` TSV files and the Fashion-MNIST test set as an .npz
+with ``images`` (uint8 N x 28 x 28) and ``labels``. Output is git-ignored (data is never committed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from models.data import fashion_mnist, spa_eng_splits
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="attnserve data")
+    p.add_argument("--out", type=Path, default=Path("data-cache"))
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, pairs in spa_eng_splits().items():
+        path = args.out / f"spa-eng-{name}.tsv"
+        path.write_text("".join(f"{en}\t{es}\n" for en, es in pairs), encoding="utf-8")
+        print(f"{path}: {len(pairs)} pairs")
+    images, labels = fashion_mnist("test")
+    np.savez_compressed(args.out / "fashion-test.npz", images=images, labels=labels)
+    print(f"{args.out / 'fashion-test.npz'}: {len(images)} images")
+
+
+if __name__ == "__main__":
+    main()
