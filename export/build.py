@@ -1,0 +1,179 @@
+"""Checkpoint -> verified artifact folder: export every declared graph, check parity, add precisions, manifest.
+
+The folder is assembled under ``.<version>.partial`` and renamed into place only when every parity check
+passed, so ``artifacts/<name>/<version>/`` is always complete. Re-running is cheap: an artifact whose
+manifest names the same checkpoint sha256 and already has the asked precisions is left alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+
+from export import family_translator, family_vit
+from export.onnx_export import OPSET, describe, export_graph
+from export.parity import Mismatch, ParityError, as_dicts, compare, cpu_session
+from export.precision import CONVERTERS, variant_file
+from export.specs import GRAPHS, model_dims
+from models.checkpoint import load_checkpoint
+from service.runtime.manifest import MANIFEST, load_manifest, sha256_file
+
+FAMILIES = {"vit": family_vit, "translator": family_translator}
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+
+
+@dataclass
+class ExportOptions:
+    out: Path = Path("artifacts")
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    version: str | None = None
+    force: bool = False
+    greedy_sentences: int = 200  # ORT vs torch greedy tokens, test split
+    quality_limit: int | None = None  # test examples for the precision quality check; None = whole split
+    log: list[str] = field(default_factory=list)
+
+
+def snapshot(checkpoint: Path, into: Path) -> Path:
+    """Copy the checkpoint: training may rewrite it while we export."""
+    into.mkdir(parents=True)
+    for f in CHECKPOINT_FILES:
+        if (checkpoint / f).exists():
+            shutil.copy2(checkpoint / f, into / f)
+    return into
+
+
+def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...]) -> bool:
+    if not (dest / MANIFEST).is_file():
+        return False
+    m = json.loads((dest / MANIFEST).read_text())
+    return m.get("source", {}).get("sha256") == checkpoint_sha and set(precisions) <= set(m.get("graphs", {}))
+
+
+def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
+    """Build (or keep) ``<out>/<checkpoint name>/<version>/``; returns that folder."""
+    checkpoint = Path(checkpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        snap = snapshot(checkpoint, Path(tmp) / "checkpoint")
+        sha = sha256_file(snap / "model.safetensors")
+        version = opts.version or sha[:12]
+        dest = opts.out / checkpoint.name / version
+        if not opts.force and up_to_date(dest, sha, opts.precisions):
+            print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
+            return dest
+        return _build(snap, checkpoint, sha, version, dest, opts)
+
+
+def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opts: ExportOptions) -> Path:
+    t0 = time.time()
+    model, meta = load_checkpoint(snap)
+    kind, fam = meta["kind"], FAMILIES[meta["kind"]]
+    dims = model_dims(kind, model.cfg)
+    work = dest.parent / f".{version}.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    specs = GRAPHS[kind]
+
+    graphs: dict[str, dict] = {"fp32": {}}
+    for spec in specs:
+        export_graph(spec, model, dims, work / variant_file(spec.name, "fp32"))
+        graphs["fp32"][spec.name] = {
+            "file": variant_file(spec.name, "fp32"),
+            **describe(work / variant_file(spec.name, "fp32")),
+        }
+        print(f"  exported {spec.name} ({time.time() - t0:.0f}s)", flush=True)
+
+    mismatches: list[Mismatch] = []
+    parity: dict = {"tolerance": {s.name: {"atol": s.atol, "rtol": s.rtol} for s in specs}, "graphs": {}}
+    for spec in specs:
+        sess, wrapper = cpu_session(work / graphs["fp32"][spec.name]["file"]), spec.wrapper(model).eval()
+        cases = fam.random_cases(spec, dims) | fam.real_cases(spec, model, snap)
+        results = []
+        for case, feeds in cases.items():
+            res, bad = compare(spec, wrapper, sess, case, feeds)
+            results.append(res)
+            mismatches += bad
+        parity["graphs"][spec.name] = results
+
+    for p in opts.precisions:
+        if p == "fp32":
+            continue
+        graphs[p] = {}
+        for spec in specs:
+            f = variant_file(spec.name, p)
+            CONVERTERS[p](work / graphs["fp32"][spec.name]["file"], work / f)
+            graphs[p][spec.name] = {"file": f, **describe(work / f)}
+        print(f"  converted to {p} ({time.time() - t0:.0f}s)", flush=True)
+
+    extra = fam.manifest_extra(meta, model.cfg, snap, work)
+    manifest = {
+        "format": 1,
+        "name": checkpoint.name,
+        "version": version,
+        "task": fam.TASK,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "opset": OPSET,
+        "exporter": {
+            "tool": "torch.onnx.export(dynamo=True)",
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "int8": "onnxruntime.quantization.quantize_dynamic (QInt8 weights)",
+            "fp16": "onnxruntime.transformers.float16 (keep_io_types)",
+        },
+        "source": {
+            "checkpoint": str(checkpoint),
+            "sha256": sha,
+            "files": {f: sha256_file(snap / f) for f in CHECKPOINT_FILES if (snap / f).exists()},
+            "training": {k: v for k, v in meta.get("training", {}).items() if k != "history"},
+            "valid": meta.get("valid"),
+        },
+        "model": extra.pop("model"),
+        "files": {},
+        "graphs": graphs,
+        "parity": parity,
+        "quality": {},
+        **extra,
+    }
+    write_manifest(work, manifest)  # checksums in place: the runtime can load the partial folder
+
+    greedy, bad = fam.decode_parity(model, snap, work, opts)
+    mismatches += bad
+    if greedy:
+        parity["greedy_tokens"] = greedy
+    parity["mismatches"] = as_dicts(mismatches)
+    parity["passed"] = not mismatches
+    manifest["quality"] = fam.quality(work, opts)
+    manifest["build_seconds"] = round(time.time() - t0, 1)
+    write_manifest(work, manifest)
+    if mismatches:
+        raise ParityError(mismatches)  # the partial folder stays for inspection; nothing is installed
+    if dest.exists():
+        shutil.rmtree(dest)
+    work.rename(dest)
+    print(f"{dest}: built in {time.time() - t0:.0f}s, parity passed", flush=True)
+    return dest
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    manifest["files"] = {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != MANIFEST
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    load_manifest(folder)  # the runtime's own schema and checksum check
+
+
+def precisions_in(folder: Path) -> list[str]:
+    """Precisions listed in a folder's manifest, fp32 first."""
+    graphs = json.loads((folder / MANIFEST).read_text())["graphs"]
+    return sorted(graphs, key=lambda p: (p != "fp32", p))

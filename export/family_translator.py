@@ -1,0 +1,143 @@
+"""The translator's part of the export: parity inputs, greedy-token parity, manifest fields, BLEU per precision."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from export.metrics import translator_metrics
+from export.parity import Mismatch, token_parity
+from export.samples import TRANSLATOR_CASES, random_inputs
+from export.specs import GraphSpec
+from models.data import data_root, spa_eng_splits
+from models.train_translator import MAX_LEN, pad
+from models.translator import BOS, EOS, PAD, UNK, Translator, greedy_decode
+from service.runtime import TranslatorRuntime
+from service.runtime.decoding import greedy
+
+TASK = "translation"
+
+
+def test_pairs() -> list[tuple[str, str]] | None:
+    if not (data_root() / "spa-eng" / "spa.txt").exists():
+        return None
+    return spa_eng_splits()["test"]
+
+
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list: the split is sorted by length, so its head is all short."""
+    if n >= len(items):
+        return list(items)
+    return [items[i] for i in np.linspace(0, len(items) - 1, n).astype(int)]
+
+
+def source_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids[: MAX_LEN - 1] + [EOS] for e in tok.encode_batch(texts)]
+
+
+def random_cases(spec: GraphSpec, dims: dict) -> dict[str, dict[str, np.ndarray]]:
+    return {f"random_{k}": random_inputs(spec, dims, s, seed=i) for i, (k, s) in enumerate(TRANSLATOR_CASES.items())}
+
+
+@torch.no_grad()
+def real_cases(spec: GraphSpec, model: Translator, snap: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Real test sentences: the encoder on them; the decoder teacher-forced with an empty past, then one
+    cached step on top of that past."""
+    pairs = test_pairs()
+    if pairs is None:
+        return {}
+    tok = Tokenizer.from_file(str(snap / "tokenizer.json"))
+    pairs = spread(pairs, 4)
+    src = pad(source_ids(tok, [en for en, _ in pairs]))
+    if spec.name.startswith("encoder"):
+        return {
+            "test_batch4": {"src_ids": src.numpy()},
+            "test_batch1": {"src_ids": src[2:3, : int((src[2] != PAD).sum())].numpy()},
+        }
+    cross = model.cross_kv(model.encode(src)[0])
+    mask = src != PAD
+    tgt = torch.tensor([[BOS, *(e.ids + [UNK] * 3)[:3]] for e in tok.encode_batch([es for _, es in pairs])])
+    empty = torch.zeros(cross.size(0), 2, len(pairs), cross.size(3), 0, cross.size(5))
+    _, present, _ = model.decode(tgt, cross, mask, empty)
+    nxt = tgt[:, -1:]
+    cases = {
+        "test_batch4_tgt4_past0": (tgt, cross, mask, empty),
+        "test_batch4_tgt1_past4": (nxt, cross, mask, present),
+        "test_batch1_tgt1_past0": (tgt[1:2, :1], cross[:, :, 1:2], mask[1:2], empty[:, :, 1:2]),
+    }
+    names = ("tgt_ids", "cross_kv", "src_mask", "past_kv")
+    return {k: {n: t.contiguous().numpy() for n, t in zip(names, v, strict=True)} for k, v in cases.items()}
+
+
+def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
+    shutil.copy2(snap / "tokenizer.json", work / "tokenizer.json")
+    return {
+        "model": {
+            "encoder_layers": cfg.encoder_layers,
+            "decoder_layers": cfg.decoder_layers,
+            "heads": cfg.heads,
+            "head_dim": cfg.dim // cfg.heads,
+            "dim": cfg.dim,
+            "vocab": cfg.vocab_size,
+            "max_positions": cfg.max_positions,
+            "max_source_tokens": MAX_LEN,
+        },
+        "tokenizer": "tokenizer.json",
+        "special_tokens": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK},
+        "preprocessing": {"source": "tokenizer.json encode, truncated to max_source_tokens - 1, then EOS appended"},
+    }
+
+
+@torch.no_grad()
+def decode_parity(model: Translator, snap: Path, work: Path, opts) -> tuple[dict | None, list[Mismatch]]:
+    """Greedy tokens: torch (models.translator.greedy_decode) vs the ORT runtime, on spread test sentences.
+
+    Both the fast and the attention decoder graphs are decoded; they must agree with torch exactly.
+    """
+    pairs = test_pairs()
+    if pairs is None:
+        return {"skipped": f"no spa-eng data under {data_root()}"}, []
+    tok = Tokenizer.from_file(str(snap / "tokenizer.json"))
+    texts = [en for en, _ in spread(pairs, opts.greedy_sentences)]
+    ids = source_ids(tok, texts)
+    torch_tokens: list[list[int]] = []
+    for b in range(0, len(ids), 32):
+        torch_tokens += greedy_decode(model, pad(ids[b : b + 32]), max_new_tokens=MAX_LEN)
+    rt = TranslatorRuntime(work, device="cpu")
+    result, bad = {}, []
+    for attention in (False, True):
+        ort_tokens: list[list[int]] = []
+        for b in range(0, len(texts), 32):
+            cross, mask, _ = rt.encode(texts[b : b + 32])
+            step = rt.step_fn(return_attention=attention)
+            hyps = greedy(step, cross, mask, bos=BOS, eos=EOS, max_new_tokens=MAX_LEN)
+            ort_tokens += [h.tokens for h in hyps]
+        name = "decoder_attn" if attention else "decoder"
+        result[name], mism = token_parity(torch_tokens, ort_tokens)
+        bad += [Mismatch(name, m.case, m.output, m.detail) for m in mism]
+    return result, bad
+
+
+def quality(work: Path, opts) -> dict:
+    """Greedy BLEU/chrF on the test split for every precision through the runtime (CPU), change vs fp32."""
+    pairs = test_pairs()
+    if pairs is None:
+        return {"skipped": f"no spa-eng data under {data_root()}"}
+    pairs = spread(pairs, opts.quality_limit) if opts.quality_limit else pairs
+    out: dict = {"split": "spa-eng test (SPLIT.md)", "metric": "bleu", "decoding": "greedy"}
+    from export.build import precisions_in
+
+    for p in precisions_in(work):
+        try:
+            out[p] = translator_metrics(TranslatorRuntime(work, precision=p, device="cpu"), pairs)
+            out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
+        except Exception as e:  # e.g. fp16 kernels missing on CPU: record it rather than guess
+            out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        if p != "fp32" and "bleu" in out.get("fp32", {}):
+            out[p]["delta_bleu"] = round(out[p]["bleu"] - out["fp32"]["bleu"], 2)
+    return out

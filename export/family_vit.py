@@ -1,0 +1,77 @@
+"""The ViT's part of the export: parity inputs, manifest fields, precision quality (test accuracy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.metrics import vit_accuracy
+from export.samples import VIT_CASES, random_inputs
+from export.specs import GraphSpec
+from models.data import data_root, fashion_mnist
+from models.train_vit import normalize
+from service.runtime import ClassifierRuntime
+
+TASK = "image-classification"
+
+
+def test_set() -> tuple[np.ndarray, np.ndarray] | None:
+    if not (data_root() / "fashion-mnist" / "t10k-images-idx3-ubyte.gz").exists():
+        return None
+    return fashion_mnist("test")
+
+
+def random_cases(spec: GraphSpec, dims: dict) -> dict[str, dict[str, np.ndarray]]:
+    return {f"random_{k}": random_inputs(spec, dims, sizes, seed=i) for i, (k, sizes) in enumerate(VIT_CASES.items())}
+
+
+def real_cases(spec: GraphSpec, model: torch.nn.Module, snap: Path) -> dict[str, dict[str, np.ndarray]]:
+    data = test_set()
+    if data is None:
+        return {}
+    pixels = normalize(data[0][:8]).numpy()
+    return {"test_images_batch8": {"pixels": pixels}, "test_image_batch1": {"pixels": pixels[3:4]}}
+
+
+def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
+    return {
+        "model": {
+            "image_size": cfg.image_size,
+            "channels": cfg.channels,
+            "grid": cfg.grid,
+            "layers": cfg.depth,
+            "heads": cfg.heads,
+            "tokens": cfg.grid**2 + 1,
+            "classes": cfg.num_classes,
+            "dim": cfg.dim,
+        },
+        "labels": meta["labels"],
+        "preprocessing": meta["preprocessing"],
+    }
+
+
+def decode_parity(model, snap: Path, work: Path, opts) -> tuple[dict | None, list]:
+    return None, []  # nothing is decoded: the graph parity above covers the classifier
+
+
+def quality(work: Path, opts) -> dict:
+    """Test accuracy of every precision through the runtime (CPU), and its change from fp32 in points."""
+    data = test_set()
+    if data is None:
+        return {"skipped": f"no Fashion-MNIST test set under {data_root()}"}
+    images, labels = data[0][: opts.quality_limit], data[1][: opts.quality_limit]
+    out: dict = {"split": "fashion-mnist test", "metric": "accuracy"}
+    from export.build import precisions_in  # local: build imports this module
+
+    for p in precisions_in(work):
+        try:
+            out[p] = vit_accuracy(ClassifierRuntime(work, precision=p, device="cpu"), images, labels)
+            out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
+        except Exception as e:  # e.g. fp16 kernels missing on CPU: say so instead of guessing
+            out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}
+            continue
+        if p != "fp32" and "accuracy" in out.get("fp32", {}):
+            out[p]["delta_points"] = round(100 * (out[p]["accuracy"] - out["fp32"]["accuracy"]), 2)
+    return out

@@ -1,0 +1,93 @@
+"""Every exported graph declared as data: wrapper, inputs, outputs (with named axes) and parity tolerance.
+
+Axis names in ``shape`` are either dynamic (``DYNAMIC``) or static numbers looked up in the model's
+dimensions (``layers``, ``heads``, ``head_dim``, ``vocab``, ...). One generic exporter reads these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from export.wrappers import DecoderGraph, EncoderGraph, ViTGraph
+
+DYNAMIC = ("batch", "src_len", "tgt_len", "past_len")
+# Example sizes for tracing: all >= 2 and distinct, because torch.onnx.export(dynamo=True) silently fixes
+# an axis whose example size is 1, and equal sizes could be unified into one symbol.
+EXAMPLE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 3, "past_len": 4}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str  # file stem and key in the manifest
+    wrapper: Callable[[nn.Module], nn.Module]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    atol: float = 1e-4  # fp32 ORT vs torch; probabilities and logits of these sizes agree to ~1e-6
+    rtol: float = 1e-3
+
+    def static_shape(self, t: TensorSpec, dims: dict[str, int]) -> list[int | str]:
+        """The shape with static names replaced by numbers and dynamic ones kept as names."""
+        return [d if isinstance(d, int) or d in DYNAMIC else dims[d] for d in t.shape]
+
+
+PIXELS = TensorSpec("pixels", "float32", ("batch", "channels", "image_size", "image_size"))
+LOGITS = TensorSpec("logits", "float32", ("batch", "classes"))
+VIT_ATTN = TensorSpec("attentions", "float32", ("layers", "batch", "heads", "tokens", "tokens"))
+SRC_IDS = TensorSpec("src_ids", "int64", ("batch", "src_len"))
+CROSS_KV = TensorSpec("cross_kv", "float32", ("decoder_layers", 2, "batch", "heads", "src_len", "head_dim"))
+ENC_ATTN = TensorSpec("encoder_attentions", "float32", ("encoder_layers", "batch", "heads", "src_len", "src_len"))
+TGT_IDS = TensorSpec("tgt_ids", "int64", ("batch", "tgt_len"))
+SRC_MASK = TensorSpec("src_mask", "bool", ("batch", "src_len"))
+PAST_KV = TensorSpec("past_kv", "float32", ("decoder_layers", 2, "batch", "heads", "past_len", "head_dim"))
+DEC_LOGITS = TensorSpec("logits", "float32", ("batch", "tgt_len", "vocab"))
+PRESENT_KV = TensorSpec(
+    "present_kv", "float32", ("decoder_layers", 2, "batch", "heads", "past_len+tgt_len", "head_dim")
+)
+CROSS_ATTN = TensorSpec("cross_attentions", "float32", ("decoder_layers", "batch", "heads", "tgt_len", "src_len"))
+DEC_INPUTS = (TGT_IDS, CROSS_KV, SRC_MASK, PAST_KV)
+
+VIT_GRAPHS = (
+    GraphSpec("vit", lambda m: ViTGraph(m, attention=False), (PIXELS,), (LOGITS,)),
+    GraphSpec("vit_attn", lambda m: ViTGraph(m, attention=True), (PIXELS,), (LOGITS, VIT_ATTN)),
+)
+TRANSLATOR_GRAPHS = (
+    GraphSpec("encoder", lambda m: EncoderGraph(m, attention=False), (SRC_IDS,), (CROSS_KV,)),
+    GraphSpec("encoder_attn", lambda m: EncoderGraph(m, attention=True), (SRC_IDS,), (CROSS_KV, ENC_ATTN)),
+    GraphSpec("decoder", lambda m: DecoderGraph(m, attention=False), DEC_INPUTS, (DEC_LOGITS, PRESENT_KV)),
+    GraphSpec(
+        "decoder_attn", lambda m: DecoderGraph(m, attention=True), DEC_INPUTS, (DEC_LOGITS, PRESENT_KV, CROSS_ATTN)
+    ),
+)
+GRAPHS = {"vit": VIT_GRAPHS, "translator": TRANSLATOR_GRAPHS}
+
+
+def model_dims(kind: str, cfg) -> dict[str, int]:
+    """The static axis sizes of a model family, from its config dataclass."""
+    if kind == "vit":
+        return {
+            "channels": cfg.channels,
+            "image_size": cfg.image_size,
+            "classes": cfg.num_classes,
+            "layers": cfg.depth,
+            "heads": cfg.heads,
+            "tokens": cfg.grid**2 + 1,
+            "grid": cfg.grid,
+        }
+    return {
+        "encoder_layers": cfg.encoder_layers,
+        "decoder_layers": cfg.decoder_layers,
+        "heads": cfg.heads,
+        "head_dim": cfg.dim // cfg.heads,
+        "vocab": cfg.vocab_size,
+        "max_positions": cfg.max_positions,
+    }

@@ -1,0 +1,53 @@
+"""Thin torch modules that give each ONNX graph plain tensor inputs and outputs (no None, no kwargs)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from models.translator import PAD, Translator
+from models.vit import ViT
+
+
+class ViTGraph(nn.Module):
+    """pixels (B,1,28,28) -> logits (B,C) [, attentions (L,B,nh,T,T)]."""
+
+    def __init__(self, model: ViT, *, attention: bool) -> None:
+        super().__init__()
+        self.model, self.attention = model, attention
+
+    def forward(self, pixels: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        logits, attn = self.model(pixels, return_attention=self.attention)
+        return (logits, attn) if self.attention else logits
+
+
+class EncoderGraph(nn.Module):
+    """src_ids (B,S) -> cross_kv (L,2,B,nh,S,hs) [, encoder_attentions (L,B,nh,S,S)].
+
+    Returns the decoder's cross-attention keys/values rather than the memory: they are all the decoder
+    needs, and projecting them once here keeps that work out of every decoder step.
+    """
+
+    def __init__(self, model: Translator, *, attention: bool) -> None:
+        super().__init__()
+        self.model, self.attention = model, attention
+
+    def forward(self, src_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        memory, attn = self.model.encode(src_ids, return_attention=self.attention)
+        cross = self.model.cross_kv(memory)
+        return (cross, attn) if self.attention else cross
+
+
+class DecoderGraph(nn.Module):
+    """tgt_ids (B,T), cross_kv, src_mask (B,S) bool, past_kv (L,2,B,nh,P,hs), P may be 0
+    -> logits (B,T,V), present_kv (L,2,B,nh,P+T,hs) [, cross_attentions (L,B,nh,T,S)]."""
+
+    def __init__(self, model: Translator, *, attention: bool) -> None:
+        super().__init__()
+        self.model, self.attention = model, attention
+
+    def forward(self, tgt_ids: Tensor, cross_kv: Tensor, src_mask: Tensor, past_kv: Tensor) -> tuple[Tensor, ...]:
+        logits, present, attn = self.model.decode(tgt_ids, cross_kv, src_mask, past_kv, return_attention=self.attention)
+        return (logits, present, attn) if self.attention else (logits, present)
+
+
+__all__ = ["PAD", "DecoderGraph", "EncoderGraph", "ViTGraph"]

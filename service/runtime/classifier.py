@@ -1,0 +1,75 @@
+"""ViT classification over ONNX Runtime: normalisation, batched probabilities, optional attentions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.runtime import attention
+from service.runtime.errors import InputError
+from service.runtime.manifest import load_manifest
+from service.runtime.sessions import make_session, resolve_device
+
+
+@dataclass
+class ClassifierOutput:
+    probs: np.ndarray  # (N, C) float32
+    attentions: np.ndarray | None  # (L, N, nh, T, T) float32 when asked
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+class ClassifierRuntime:
+    """The fast graph for plain classification; the attention graph only when attentions are asked for."""
+
+    def __init__(
+        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
+    ) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = load_manifest(self.artifact_dir)
+        self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
+        self.labels: list[str] = list(self.manifest.labels or [])
+        self.device = resolve_device(device)
+        pre = self.manifest.preprocessing or {}
+        self.scale = float(pre.get("scale", 1 / 255))
+        self.mean, self.std = float(pre.get("mean", 0.0)), float(pre.get("std", 1.0))
+        self.image_size = int(self.manifest.model["image_size"])
+        self.grid = int(self.manifest.model["grid"])
+        self.sessions = {
+            g: make_session(
+                self.artifact_dir / self.manifest.graph(precision, g).file,
+                device=self.device,
+                intra_op_threads=intra_op_threads,
+            )
+            for g in ("vit", "vit_attn")
+        }
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W) -> float32 (N, 1, H, W): x * scale (1/255), then (x - mean)/std as in training."""
+        images = np.asarray(images)
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise InputError(f"images must be (N, {self.image_size}, {self.image_size}) uint8, got {images.shape}")
+        x = images.astype(np.float32)[:, None] / np.float32(1.0 / self.scale)  # divide, as training does
+        return ((x - self.mean) / self.std).astype(np.float32)
+
+    def classify(self, pixels: np.ndarray, *, return_attention: bool = False) -> ClassifierOutput:
+        """pixels: normalised float32 (N, 1, H, W) -> class probabilities (and attentions)."""
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1:] != (1, self.image_size, self.image_size):
+            raise InputError(f"pixels must be (N, 1, {self.image_size}, {self.image_size}), got {pixels.shape}")
+        if return_attention:
+            logits, attn = self.sessions["vit_attn"].run(["logits", "attentions"], {"pixels": pixels})
+            return ClassifierOutput(softmax(logits), attn)
+        (logits,) = self.sessions["vit"].run(["logits"], {"pixels": pixels})
+        return ClassifierOutput(softmax(logits), None)
+
+    def rollout(self, attentions: np.ndarray) -> np.ndarray:
+        return attention.rollout(attentions, self.grid)
+
+    def cls_attention(self, attentions: np.ndarray) -> np.ndarray:
+        return attention.cls_attention(attentions, self.grid)

@@ -1,0 +1,19 @@
+"""Errors of the ONNX runtime layer. The service maps them to HTTP codes in one place (service/errors.py)."""
+
+from __future__ import annotations
+
+
+class RuntimeLayerError(Exception):
+    """Base of every error raised by ``service.runtime``."""
+
+
+class ArtifactError(RuntimeLayerError):
+    """An artifact folder is missing, incomplete, or its files do not match the manifest's checksums."""
+
+
+class DeviceError(RuntimeLayerError):
+    """The requested device (e.g. ``cuda``) is not available to ONNX Runtime."""
+
+
+class InputError(RuntimeLayerError, ValueError):
+    """A caller passed values outside what the runtime accepts (wrong shape, beam size out of range, ...)."""

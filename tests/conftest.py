@@ -1,0 +1,86 @@
+"""Session fixtures shared by tests/export and tests/service.
+
+- ``artifacts_dir``: the real artifacts in ``artifacts/`` (repo root), exported from the committed checkpoints
+  by ``attnserve export`` when missing or stale (a no-op when up to date; a few minutes on 2 CPU cores otherwise).
+- ``tiny_artifacts``: tiny random-weight ViT and translator checkpoints exported to a temp folder, for fast
+  unit tests of the exporter and the runtime. Their parity checks run like the real ones.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.data import data_root
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = ("translator-en-es", "vit-fashion")
+SENTENCES = [
+    ("The cat sleeps on the red chair.", "El gato duerme en la silla roja."),
+    ("I want to go home now.", "Quiero ir a casa ahora."),
+    ("Where is the train station?", "¿Dónde está la estación de tren?"),
+    ("We ate bread and cheese.", "Comimos pan y queso."),
+    ("She reads a book every night.", "Ella lee un libro cada noche."),
+]
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """``artifacts/`` with every model exported from the current checkpoints (runs `attnserve export`)."""
+    ckpt = REPO / "models" / "checkpoints"
+    missing = [m for m in MODELS if not (ckpt / m / "model.safetensors").exists()]
+    if missing:
+        pytest.skip(f"no trained checkpoint for {missing} under {ckpt}")
+    if not (data_root() / "spa-eng" / "spa.txt").exists():
+        pytest.skip(f"shared data not found at {data_root()}: export verifies on the test splits")
+    out = REPO / "artifacts"
+    # A subprocess: the export loads torch, and ORT tests in this process should not share threads with it.
+    subprocess.run([sys.executable, "-m", "service.cli", "export", "--out", str(out)], cwd=REPO, check=True)
+    return out
+
+
+def _tiny_checkpoints(root: Path) -> dict[str, Path]:
+    import torch
+
+    from models.checkpoint import save_checkpoint
+    from models.data import FASHION_LABELS
+    from models.tokenizer import train_tokenizer
+    from models.translator import Translator, TranslatorConfig
+    from models.vit import ViT, ViTConfig
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64)).eval()
+    extra = {
+        "labels": FASHION_LABELS,
+        "preprocessing": {"size": [28, 28], "mode": "L", "scale": 1 / 255, "mean": 0.286, "std": 0.353},
+    }
+    save_checkpoint(vit, root / "vit-tiny", kind="vit", extra=extra)
+    tok = train_tokenizer([x for pair in SENTENCES for x in pair] * 4, vocab_size=120)
+    cfg = TranslatorConfig(
+        vocab_size=tok.get_vocab_size(),
+        dim=32,
+        heads=4,
+        encoder_layers=2,
+        decoder_layers=2,
+        ffn_dim=64,
+        max_positions=256,
+    )
+    translator = Translator(cfg).eval()
+    save_checkpoint(translator, root / "translator-tiny", kind="translator", extra={})
+    tok.save(str(root / "translator-tiny" / "tokenizer.json"))
+    return {"vit": root / "vit-tiny", "translator": root / "translator-tiny"}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> dict[str, Path]:
+    """{"vit": dir, "translator": dir, "checkpoints": {...}, "out": root} of tiny exported artifacts (fp32 + int8)."""
+    from export.build import ExportOptions, export_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    ckpts = _tiny_checkpoints(root / "checkpoints")
+    opts = ExportOptions(out=root / "artifacts", greedy_sentences=8, quality_limit=8)
+    dirs = {kind: export_checkpoint(path, opts) for kind, path in ckpts.items()}
+    return {**dirs, "checkpoints": ckpts, "out": root / "artifacts"}
