@@ -28,6 +28,15 @@ SENTENCES = [
 
 
 @pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data (or $ATTNSERVE_DATA); tests that need it skip with the reason when it is absent."""
+    root = data_root()
+    if not (root / "spa-eng" / "spa.txt").exists() or not (root / "fashion-mnist").exists():
+        pytest.skip(f"shared datasets not found at {root} (set ATTNSERVE_DATA or place ../shared beside the repo)")
+    return root
+
+
+@pytest.fixture(scope="session")
 def artifacts_dir() -> Path:
     """``artifacts/`` with every model exported from the current checkpoints (runs `attnserve export`)."""
     ckpt = REPO / "models" / "checkpoints"

@@ -75,6 +75,7 @@ class TranslatorRuntime:
 
     def step_fn(self, *, return_attention: bool, layer: int = -1, heads: list[int] | None = None) -> Step:
         """The decoder step for ``decoding``; with attention it yields the chosen layer's head-mean row."""
+        heads = list(range(self.heads)) if heads is None else heads
         sess = self.sessions["decoder_attn" if return_attention else "decoder"]
         names = ["logits", "present_kv", "cross_attentions"] if return_attention else ["logits", "present_kv"]
 
