@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install test lint
+.PHONY: install test lint tools
 .DEFAULT_GOAL := help
 
 help:
@@ -22,8 +22,21 @@ $(VENV)/.dev-installed: pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(VENV)/.dev-installed
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
+
+# Prometheus (prometheus + promtool) for tests/deploy. Installed with apt-get when missing and running as root (CI);
+# otherwise those tests skip and say why. The Debian package's own service (port 9090) is stopped and disabled:
+# the tests start their own Prometheus on a free loopback port.
+tools:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing prometheus (apt-get) for tests/deploy"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	      >/dev/null) || echo "apt-get install prometheus failed: tests/deploy Prometheus tests will skip"; \
+	    (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true; \
+	  else echo "promtool not on PATH and not root: tests/deploy Prometheus tests will skip (apt-get install prometheus)"; \
+	  fi; }
