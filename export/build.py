@@ -130,7 +130,7 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
             "fp16": "onnxruntime.transformers.float16 (keep_io_types)",
         },
         "source": {
-            "checkpoint": str(checkpoint),
+            "checkpoint": repo_relative(checkpoint),
             "sha256": sha,
             "files": {f: sha256_file(snap / f) for f in CHECKPOINT_FILES if (snap / f).exists()},
             "training": {k: v for k, v in meta.get("training", {}).items() if k != "history"},
@@ -161,6 +161,15 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
     work.rename(dest)
     print(f"{dest}: built in {time.time() - t0:.0f}s, parity passed", flush=True)
     return dest
+
+
+def repo_relative(path: Path) -> str:
+    """A path inside the repository as a relative one, so the manifest does not name this machine's folders."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        return str(path.resolve().relative_to(repo))
+    except ValueError:
+        return str(path.resolve())
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

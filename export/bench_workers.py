@@ -1,0 +1,236 @@
+"""Benchmark workers, one backend per process (``python -m export.bench_workers BACKEND SPEC.json``).
+
+Each process loads only its own library: torch and ONNX Runtime/CTranslate2 sharing a process were measured
+to slow each other several times (thread contention). Prints one JSON list of result rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def timed(run: Callable[[int], int], n_items: int, batch: int, min_seconds: float) -> dict:
+    """Call ``run(start)`` on successive batches (after one warm-up) until ``min_seconds`` have passed.
+
+    ``run`` translates/classifies ``batch`` items from ``start`` and returns the target tokens produced.
+    """
+    run(0)
+    items = tokens = 0
+    start, t0 = 0, time.perf_counter()
+    while True:
+        tokens += run(start)
+        items += batch
+        start = (start + batch) % max(n_items - batch + 1, 1)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= min_seconds:
+            break
+    return {"items_per_s": items / elapsed, "tokens_per_s": tokens / elapsed if tokens else None, "seconds": elapsed}
+
+
+def ort_rows(spec: dict) -> list[dict]:
+    from service.runtime import ClassifierRuntime, TranslatorRuntime
+
+    rows = []
+    images, texts = load_workload(spec)
+    for precision in spec["precisions"]:
+        vit = ClassifierRuntime(spec["vit"], precision=precision, device="cpu", intra_op_threads=spec["threads"])
+        pixels = vit.normalize(images)
+        for attention in (False, True):
+            for b in spec["vit_batches"]:
+
+                def run(s, b=b, attention=attention, vit=vit, pixels=pixels):
+                    vit.classify(pixels[s : s + b], return_attention=attention)
+                    return 0
+
+                rows.append(
+                    row(
+                        "vit",
+                        "onnxruntime",
+                        precision,
+                        "-",
+                        attention,
+                        b,
+                        timed(run, len(pixels), b, spec["min_seconds"]),
+                    )
+                )
+        tr = TranslatorRuntime(spec["translator"], precision=precision, device="cpu", intra_op_threads=spec["threads"])
+        for beam in (1, 4):
+            for attention in (False, True):
+                for b in spec["translator_batches"]:
+
+                    def run(s, b=b, beam=beam, attention=attention, tr=tr):
+                        res = tr.translate(texts[s : s + b], beam_size=beam, return_attention=attention)
+                        return sum(len(r.target_tokens) for r in res)
+
+                    rows.append(
+                        row(
+                            "translator",
+                            "onnxruntime",
+                            precision,
+                            decoding(beam),
+                            attention,
+                            b,
+                            timed(run, len(texts), b, spec["min_seconds"]),
+                        )
+                    )
+    rt = TranslatorRuntime(spec["translator"], device="cpu")
+    rows.append({"sample_tokens": [r.target_tokens for r in rt.translate(texts[: spec["sample"]])]})
+    return rows
+
+
+def torch_rows(spec: dict) -> list[dict]:
+    import torch
+    from tokenizers import Tokenizer
+
+    from models.checkpoint import load_checkpoint
+    from models.train_translator import MAX_LEN, pad
+    from models.train_vit import normalize
+    from models.translator import BOS, EOS, PAD, greedy_decode
+    from service.runtime.decoding import beam_search
+
+    torch.set_num_threads(spec["threads"])
+    torch.set_num_interop_threads(1)
+    images, texts = load_workload(spec)
+    rows = []
+    vit, _ = load_checkpoint(Path(spec["vit_checkpoint"]))
+    pixels = normalize(images)
+    for attention in (False, True):
+        for b in spec["vit_batches"]:
+
+            @torch.no_grad()
+            def run(s, b=b, attention=attention):
+                vit(pixels[s : s + b], return_attention=attention)
+                return 0
+
+            rows.append(
+                row("vit", "pytorch", "fp32", "-", attention, b, timed(run, len(pixels), b, spec["min_seconds"]))
+            )
+    model, _ = load_checkpoint(Path(spec["translator_checkpoint"]))
+    tok = Tokenizer.from_file(str(Path(spec["translator_checkpoint"]) / "tokenizer.json"))
+    ids = [e.ids[: MAX_LEN - 1] + [EOS] for e in tok.encode_batch(texts)]
+
+    @torch.no_grad()
+    def step(tokens, cross, mask, past, attention=False):
+        logits, present, attn = model.decode(
+            *(torch.from_numpy(np.ascontiguousarray(a)) for a in (tokens, cross, mask, past)),
+            return_attention=attention,
+        )
+        return logits[:, -1].numpy(), present.numpy(), None if attn is None else attn[-1].mean(1)[:, -1].numpy()
+
+    for beam in (1, 4):
+        for attention in (False, True):
+            for b in spec["translator_batches"]:
+
+                @torch.no_grad()
+                def run(s, b=b, beam=beam, attention=attention):
+                    src = pad(ids[s : s + b])
+                    if beam == 1 and not attention:  # the model's own cached greedy loop
+                        return sum(len(h) for h in greedy_decode(model, src, max_new_tokens=MAX_LEN))
+                    cross = model.cross_kv(model.encode(src)[0]).numpy()
+                    hyps = beam_search(
+                        lambda *a: step(*a, attention=attention),
+                        cross,
+                        (src != PAD).numpy(),
+                        bos=BOS,
+                        eos=EOS,
+                        max_new_tokens=MAX_LEN,
+                        beam_size=beam,
+                    )
+                    return sum(len(h.tokens) for h in hyps)
+
+                rows.append(
+                    row(
+                        "translator",
+                        "pytorch",
+                        "fp32",
+                        decoding(beam),
+                        attention,
+                        b,
+                        timed(run, len(texts), b, spec["min_seconds"]),
+                    )
+                )
+    return rows
+
+
+def ct2_rows(spec: dict) -> list[dict]:
+    import ctranslate2
+    from tokenizers import Tokenizer
+
+    from export.ct2 import source_tokens
+
+    _, texts = load_workload(spec)
+    tok = Tokenizer.from_file(str(Path(spec["translator_checkpoint"]) / "tokenizer.json"))
+    sources = source_tokens(tok, texts)
+    rows = []
+    for precision in spec["precisions"]:
+        tr = ctranslate2.Translator(
+            spec["ct2_model"],
+            device="cpu",
+            compute_type="float32" if precision == "fp32" else precision,
+            intra_threads=spec["threads"],
+            inter_threads=1,
+        )
+        for beam in (1, 4):
+            for attention in (False, True):
+                for b in spec["translator_batches"]:
+
+                    def run(s, b=b, beam=beam, attention=attention, tr=tr):
+                        res = tr.translate_batch(
+                            sources[s : s + b],
+                            beam_size=beam,
+                            max_decoding_length=128,
+                            return_attention=attention,
+                            max_batch_size=b,
+                        )
+                        return sum(len(r.hypotheses[0]) for r in res)
+
+                    rows.append(
+                        row(
+                            "translator",
+                            "ctranslate2",
+                            precision,
+                            decoding(beam),
+                            attention,
+                            b,
+                            timed(run, len(texts), b, spec["min_seconds"]),
+                        )
+                    )
+        if precision == "fp32":
+            res = tr.translate_batch(sources[: spec["sample"]], beam_size=1, max_decoding_length=128)
+            rows.append({"sample_tokens": [r.hypotheses[0] for r in res]})
+    return rows
+
+
+def decoding(beam: int) -> str:
+    return "greedy" if beam == 1 else f"beam {beam}"
+
+
+def row(model: str, backend: str, precision: str, dec: str, attention: bool, batch: int, m: dict) -> dict:
+    return {
+        "model": model,
+        "backend": backend,
+        "precision": precision,
+        "decoding": dec,
+        "attention": attention,
+        "batch": batch,
+        **m,
+    }
+
+
+def load_workload(spec: dict) -> tuple[np.ndarray, list[str]]:
+    with np.load(spec["workload"]) as f:
+        images = f["images"]
+    return images, json.loads(Path(spec["texts"]).read_text())
+
+
+WORKERS = {"onnxruntime": ort_rows, "pytorch": torch_rows, "ctranslate2": ct2_rows}
+
+if __name__ == "__main__":
+    backend, spec_path = sys.argv[1], sys.argv[2]
+    print(json.dumps(WORKERS[backend](json.loads(Path(spec_path).read_text()))))
