@@ -1,0 +1,191 @@
+"""The classifier deployment: its own FastAPI ingress at /v1/classify (JSON base64 or multipart), @serve.batch."""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from starlette.datastructures import UploadFile
+
+from service.config import AppArgs, BatchSettings
+from service.errors import LimitExceeded
+from service.http import ERROR_RESPONSES, Gate, RouteSettings, make_api
+from service.metrics import metrics
+from service.preprocess import decode_base64, to_model_input
+from service.runtime import ClassifierRuntime, find_artifact
+from service.schemas import ClassifierAttention, ClassifyRequest, ClassifyResponse, LabelScore, Prediction
+
+ROUTE = "/v1/classify"
+OFFLOAD_BYTES = 64_000  # images bigger than this are decoded in a thread, not on the event loop
+route = RouteSettings(ROUTE)
+api = make_api("attnserve classifier", route)
+
+
+class ClassifyForm(BaseModel):
+    """The non-file fields of a multipart upload (files go in repeated `images` parts)."""
+
+    model_config = ConfigDict(extra="forbid")
+    top_k: int = Field(3, ge=1, le=10)
+    return_attention: bool = False
+
+
+MULTIPART_SCHEMA = {
+    "type": "object", "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 64},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
+        "return_attention": {"type": "boolean", "default": False},
+    },
+}
+OPENAPI_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ClassifyRequest.model_json_schema()},
+    "multipart/form-data": {"schema": MULTIPART_SCHEMA},
+}}}
+
+
+@dataclass
+class Job:
+    images: np.ndarray  # uint8 (n, 28, 28)
+    return_attention: bool
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Output:
+    probs: np.ndarray  # (n, C)
+    rollout: np.ndarray | None  # (n, 7, 7)
+
+
+def validation_error(e: ValidationError, prefix: tuple[str, ...] = ("body",)) -> RequestValidationError:
+    return RequestValidationError([{**err, "loc": (*prefix, *err["loc"])} for err in e.errors()])
+
+
+@serve.deployment(name="Classifier", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.model_validate(args)
+        cfg, self.limits = self.args.classifier, self.args.limits
+        path = find_artifact(self.args.resolved_root(), cfg.name, cfg.version)
+        self.rt = ClassifierRuntime(path, precision=cfg.precision, device=cfg.device,
+                                    intra_op_threads=cfg.intra_op_threads)
+        self.gate = Gate(max_pending=cfg.max_pending, timeout_s=cfg.timeout_s, retry_after_s=self.args.retry_after_s)
+        self.settings = BatchSettings()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ort")
+        self.metrics = metrics()
+        if cfg.warmup:
+            for attn in (False, True):
+                self.rt.classify(self.rt.normalize(np.zeros((2, 28, 28), np.uint8)), return_attention=attn)
+        route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        self.settings = BatchSettings.model_validate(user_config or {})
+        self.run_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.rt.name, "version": self.rt.version, "task": "image-classification", "route": ROUTE,
+                "labels": self.rt.labels, "precision": self.rt.precision, "device": self.rt.device}
+
+    def ready(self) -> bool:
+        return True
+
+    @api.post("/", response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=OPENAPI_BODY,
+              summary="Classify images (JSON base64 or multipart upload)")
+    async def classify(self, request: Request) -> ClassifyResponse:
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raws, top_k, attn = await self.read_multipart(request)
+        else:
+            try:
+                req = ClassifyRequest.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise validation_error(e) from None
+            self.check_count(len(req.images))
+            raws = [decode_base64(b, field=f"images[{i}]", max_bytes=self.limits.max_image_bytes)
+                    for i, b in enumerate(req.images)]
+            top_k, attn = req.top_k, req.return_attention
+        images = np.stack([await self.decode(raw, i) for i, raw in enumerate(raws)])
+        out = await self.gate.run(self.run_batch(Job(images, attn)), self.gate.deadline(request))
+        return ClassifyResponse(model=self.rt.name, version=self.rt.version,
+                                predictions=[self.encode(out, i, top_k) for i in range(len(images))])
+
+    async def read_multipart(self, request: Request) -> tuple[list[bytes], int, bool]:
+        form = await request.form(max_files=self.limits.max_images + 1, max_fields=16)
+        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+        if not files:
+            raise RequestValidationError([{"type": "missing", "loc": ("body", "images"),
+                                           "msg": "at least one file part named 'images' is required"}])
+        self.check_count(len(files))
+        fields = {k: v for k, v in form.multi_items() if k != "images"}
+        try:
+            opts = ClassifyForm.model_validate(fields)
+        except ValidationError as e:
+            raise validation_error(e) from None
+        return [await f.read() for f in files], opts.top_k, opts.return_attention
+
+    def check_count(self, n: int) -> None:
+        if n > self.limits.max_images:
+            raise LimitExceeded(f"{n} images, the limit is {self.limits.max_images}", field="images")
+
+    async def decode(self, raw: bytes, i: int) -> np.ndarray:
+        kw = {"field": f"images[{i}]", "max_bytes": self.limits.max_image_bytes,
+              "max_pixels": self.limits.max_image_pixels}
+        if len(raw) <= OFFLOAD_BYTES:
+            return to_model_input(raw, **kw)
+        return await asyncio.to_thread(to_model_input, raw, **kw)
+
+    def encode(self, out: Output, i: int, top_k: int) -> Prediction:
+        p = out.probs[i]
+        order = np.argsort(-p, kind="stable")[:top_k]
+        best = int(order[0])
+        attention = None
+        if out.rollout is not None:
+            attention = ClassifierAttention(grid=list(out.rollout.shape[1:]), rollout=out.rollout[i].tolist())
+        return Prediction(label=self.rt.labels[best], index=best, score=float(p[best]),
+                          top_k=[LabelScore(label=self.rt.labels[int(j)], score=float(p[j])) for j in order],
+                          attention=attention)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def run_batch(self, jobs: list[Job]) -> list[Output]:
+        start, m, tags = time.perf_counter(), self.metrics, {"model": self.rt.name}
+        m.batch_size.observe(len(jobs), tags)
+        for job in jobs:
+            m.queue_wait.observe(start - job.enqueued, tags)
+        out: list[Output | None] = [None] * len(jobs)
+        for attn in (False, True):  # one model call per graph: a request's result never depends on its batch-mates
+            idx = [i for i, j in enumerate(jobs) if j.return_attention == attn]
+            if not idx:
+                continue
+            images = np.concatenate([jobs[i].images for i in idx])
+            probs, rollout = await self._run(images, attn)
+            pos = 0
+            for i in idx:
+                n = len(jobs[i].images)
+                out[i] = Output(probs[pos : pos + n], None if rollout is None else rollout[pos : pos + n])
+                pos += n
+        assert all(o is not None and len(o.probs) == len(j.images) for o, j in zip(out, jobs, strict=True))
+        return out  # type: ignore[return-value]
+
+    async def _run(self, images: np.ndarray, attn: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        graph, m, tags = ("attention" if attn else "fast"), self.metrics, {"model": self.rt.name}
+        probs, rollouts = [], []
+        for lo in range(0, len(images), self.settings.max_batch_items):
+            chunk = images[lo : lo + self.settings.max_batch_items]
+            t0 = time.perf_counter()
+            res = await asyncio.get_running_loop().run_in_executor(self.pool, self._infer, chunk, attn)
+            m.inference.observe(time.perf_counter() - t0, {**tags, "graph": graph})
+            m.batch_items.observe(len(chunk), {**tags, "graph": graph})
+            probs.append(res[0])
+            rollouts.append(res[1])
+        m.images.inc(len(images), tags)
+        return np.concatenate(probs), (np.concatenate(rollouts) if attn else None)
+
+    def _infer(self, images: np.ndarray, attn: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        out = self.rt.classify(self.rt.normalize(images), return_attention=attn)
+        return out.probs, (self.rt.rollout(out.attentions) if attn else None)

@@ -1,0 +1,73 @@
+"""Typed application arguments: `deploy/serve_config.yaml` `args:` -> `AppArgs` -> `service.app:build_app`.
+
+This is the only configuration object of the service layer. Serve-level knobs (replicas, max_ongoing_requests,
+max_queued_requests, user_config batch settings, resources) stay in the `deployments:` section of the Serve
+config, where Serve itself applies them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Limits(_Strict):
+    """Per-request limits, enforced before any model work and published in GET /v1/models."""
+
+    max_texts: int = Field(64, ge=1, le=64, description="texts per translate request")
+    max_text_chars: int = Field(1000, ge=1, description="characters per text")
+    max_source_tokens: int = Field(200, ge=1, description="BPE tokens per text (incl. EOS)")
+    max_images: int = Field(64, ge=1, le=64, description="images per classify request")
+    max_image_bytes: int = Field(2_000_000, ge=64, description="encoded bytes per image")
+    max_image_pixels: int = Field(4_000_000, ge=784, description="width*height per image, checked before decoding")
+    max_body_bytes: int = Field(16_000_000, ge=1024, description="HTTP request body")
+
+
+class ModelArgs(_Strict):
+    name: str
+    version: str | None = Field(None, description="None = newest version under the artifact root")
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per replica")
+    timeout_s: float = Field(30.0, gt=0, description="request deadline; past it the client gets a 504")
+    max_pending: int = Field(256, ge=1, description="requests admitted per replica; beyond it a 503 + Retry-After")
+    warmup: bool = Field(True, description="run one batch per graph before reporting ready")
+
+
+class AppArgs(_Strict):
+    artifact_root: str = Field("artifacts", description="relative paths resolve against $ATTNSERVE_ARTIFACTS, "
+                               "the working directory, then the repository root")
+    translator: ModelArgs = ModelArgs(name="translator-en-es", timeout_s=60.0)
+    classifier: ModelArgs = ModelArgs(name="vit-fashion")
+    limits: Limits = Limits()
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+
+    def resolved_root(self) -> Path:
+        """Replicas may start in another working directory than the CLI: resolve the root deterministically."""
+        env = os.environ.get("ATTNSERVE_ARTIFACTS")
+        if env:
+            return Path(env).resolve()
+        root = Path(self.artifact_root)
+        if root.is_absolute():
+            return root
+        for base in (Path.cwd(), REPO_ROOT):
+            if (base / root).is_dir():
+                return (base / root).resolve()
+        return (REPO_ROOT / root).resolve()
+
+
+class BatchSettings(_Strict):
+    """A model deployment's `user_config`: applied live by `reconfigure()`, no restart."""
+
+    max_batch_size: int = Field(16, ge=1, le=256, description="requests merged by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="wait for a fuller batch at most this long")
+    max_batch_items: int = Field(64, ge=1, le=1024, description="texts/images per model call; bigger batches are split")

@@ -1,0 +1,121 @@
+"""One exception hierarchy for the service, mapped to HTTP in one place (`install_handlers`).
+
+Every error leaves as `{"error": {"code", "message", "field"?}}`. Bad input is always a 4xx: only a bug in
+the service itself may become a 500, and its message never leaks internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("attnserve")
+
+
+class ServiceError(Exception):
+    """Base of every error the service raises on purpose."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.field, self.headers = message, field, headers or {}
+
+    # Ray pickles exceptions raised in one replica and re-raises them in the caller: keep all state in args.
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _rebuild, (type(self), self.message, self.field, self.headers)
+
+
+def _rebuild(cls: type[ServiceError], message: str, field: str | None, headers: dict[str, str]) -> ServiceError:
+    err = cls.__new__(cls)
+    ServiceError.__init__(err, message, field=field, headers=headers)
+    return err
+
+
+class InvalidRequest(ServiceError):
+    status, code = 422, "invalid_request"
+
+
+class LimitExceeded(InvalidRequest):
+    code = "limit_exceeded"
+
+
+class BadImage(ServiceError):
+    status, code = 400, "bad_image"
+
+
+class ImageTooLarge(BadImage):
+    code = "image_too_large"
+
+
+class BodyTooLarge(ServiceError):
+    status, code = 413, "body_too_large"
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """Pydantic `loc` -> "texts[3]" (the leading "body" dropped: every field is in the body)."""
+    parts = list(loc[1:] if loc and loc[0] == "body" else loc)
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "body"
+
+
+def error_body(code: str, message: str, field: str | None = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if field is not None:
+        err["field"] = field
+    return {"error": err}
+
+
+def describe(exc: BaseException) -> tuple[int, str, str, str | None, dict[str, str]]:
+    """The single mapping from an exception to (status, code, message, field, headers)."""
+    if isinstance(exc, ServiceError):
+        return exc.status, exc.code, exc.message, exc.field, exc.headers
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        msg = "; ".join(f"{field_path(e['loc'])}: {e['msg']}" for e in errors[:5])
+        return 422, "invalid_request", msg, field_path(errors[0]["loc"]), {}
+    if isinstance(exc, StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
+    log.error("unhandled error", exc_info=exc)
+    return 500, "internal_error", "internal error; see the service logs", None, {}
+
+
+def to_response(exc: BaseException) -> tuple[JSONResponse, str]:
+    status, code, message, field, headers = describe(exc)
+    return JSONResponse(error_body(code, message, field), status, headers=headers), code
+
+
+def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None] | None = None) -> None:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        response, code = to_response(exc)
+        if on_error is not None:
+            on_error(request, code)
+        return response
+
+    for cls in (ServiceError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(cls, handle)

@@ -1,0 +1,148 @@
+"""`attnserve serve`: start a local Ray, deploy deploy/serve_config.yaml, wait until ready, print the URLs.
+
+Ray is started in this process (a fresh local instance, never an existing cluster: use `serve run` or
+`serve deploy` with the same config for that). Ctrl-C or SIGTERM shuts Serve and this Ray down.
+Token auth: Ray 2.60 enables it by default; this single-user local start binds everything to loopback and
+sets RAY_AUTH_MODE=disabled unless you set RAY_AUTH_MODE yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from service.config import REPO_ROOT, AppArgs
+from service.runtime import ArtifactError, find_artifact
+
+DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
+
+
+def load_config(path: Path, *, host: str, port: int) -> dict[str, Any]:
+    config = yaml.safe_load(path.read_text())
+    config.setdefault("http_options", {}).update({"host": host, "port": port})
+    return config
+
+
+def shared_args(config: dict[str, Any]) -> AppArgs:
+    args = dict(config["applications"][0].get("args") or {})
+    args.pop("component", None)
+    return AppArgs.model_validate(args)
+
+
+def ensure_artifacts(args: AppArgs, *, export: bool) -> None:
+    """Missing artifacts are exported in a subprocess, so torch never enters the serving process."""
+    root = args.resolved_root()
+    missing = []
+    for m in (args.translator, args.classifier):
+        try:
+            find_artifact(root, m.name, m.version)
+        except ArtifactError:
+            missing.append(m.name)
+    if not missing:
+        return
+    if not export:
+        sys.exit(f"attnserve serve: no artifacts for {', '.join(missing)} under {root}; run `attnserve export`")
+    print(f"exporting {', '.join(missing)} to {root} (attnserve export) ...", flush=True)
+    cmd = [sys.executable, "-m", "service.cli", "export", "--models", *missing, "--out", str(root)]
+    if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
+        sys.exit("attnserve serve: `attnserve export` failed (see above); are the checkpoints in models/checkpoints/"
+                 " and the export extra installed (pip install -e '.[export]')?")
+
+
+def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpus: int | None) -> None:
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    schema = ServeDeploySchema.model_validate(config)  # fail before starting anything
+    ray.init(address="local", include_dashboard=dashboard, _metrics_export_port=metrics_port,
+             num_cpus=num_cpus, namespace="serve", log_to_driver=False, configure_logging=False)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema, _blocking=False)
+
+
+def wait_ready(base: str, timeout_s: float) -> None:
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        failed = {name: app.message for name, app in serve.status().applications.items()
+                  if str(app.status).endswith("DEPLOY_FAILED")}
+        if failed:
+            raise RuntimeError(f"deployment failed: {failed}")
+        time.sleep(0.5)
+    raise TimeoutError(f"not ready within {timeout_s:.0f} s")
+
+
+def stop() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="attnserve serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Ray Serve config (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port")
+    p.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs for Ray (default: the machine's)")
+    p.add_argument("--no-export", action="store_true", help="fail instead of exporting missing artifacts")
+    p.add_argument("--ready-timeout", type=float, default=180.0)
+    a = p.parse_args(argv)
+
+    config = load_config(a.config, host=a.host, port=a.port)
+    ensure_artifacts(shared_args(config), export=not a.no_export)
+
+    stopping = False
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    t0, base = time.monotonic(), f"http://{a.host}:{a.port}"
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus)
+        signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own handler: ours must come after
+        wait_ready(base, a.ready_timeout)
+        print(f"attnserve ready in {time.monotonic() - t0:.1f} s\n"
+              f"  API      {base}/v1/translate  {base}/v1/classify  {base}/v1/models\n"
+              f"  docs     {base}/docs\n"
+              f"  health   {base}/healthz  {base}/readyz\n"
+              f"  metrics  http://{a.host}:{a.metrics_port}/metrics\n"
+              "Ctrl-C to stop.", flush=True)
+        signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"attnserve serve: {e}", file=sys.stderr, flush=True)
+        stop()
+        sys.exit(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop()
+    print("stopped.", flush=True)

@@ -1,0 +1,68 @@
+"""Small helpers for the HTTP tests: images, metrics scrapes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def png(arr: np.ndarray | None = None, *, seed: int = 0, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    if arr is None:
+        arr = np.random.default_rng(seed).integers(0, 256, (28, 28), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+KEEP = ("model", "route", "status", "code", "graph", "le")
+
+
+def scrape(url: str) -> Samples:
+    """`ray_attnserve_*` samples summed over replicas/workers, keyed by (name, our labels)."""
+    out: Samples = {}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        for s in fam.samples:
+            if not s.name.startswith("ray_attnserve_"):
+                continue
+            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k in KEEP)))
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    want = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+
+
+def settled(url: str, quiet_s: float = 3.0, timeout_s: float = 60.0) -> Samples:
+    """A scrape that stopped changing for `quiet_s` (Ray exports every second in the tests)."""
+    deadline, last, since = time.monotonic() + timeout_s, None, time.monotonic()
+    while time.monotonic() < deadline:
+        now = scrape(url)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+        time.sleep(0.5)
+    raise TimeoutError("metrics never settled")
+
+
+def wait_for(url: str, done: Callable[[Samples], bool], timeout_s: float = 60.0) -> Samples:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = scrape(url)
+        if done(now) or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
