@@ -6,11 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install test lint tools
+.PHONY: install test lint tools serve bench-http
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make serve | make test | make lint | make install"
+	@echo "make serve | make test | make lint | make install | make bench-http"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,16 @@ tools:
 	    (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true; \
 	  else echo "promtool not on PATH and not root: tests/deploy Prometheus tests will skip (apt-get install prometheus)"; \
 	  fi; }
+
+# Serving plus the exporter (the service exports missing artifacts in a subprocess; torch never enters it).
+$(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[serve,export]'
+	touch $@
+
+# make serve SERVE_ARGS="--port 8001 --metrics-port 8081"
+serve: $(VENV)/.serve-installed
+	$(BIN)/attnserve serve $(SERVE_ARGS)
+
+# Against a running `make serve` (another terminal): the HTTP table of docs/BENCHMARKS.md.
+bench-http: $(VENV)/.serve-installed
+	$(BIN)/attnserve bench http $(BENCH_ARGS)

@@ -28,7 +28,7 @@ api = make_api("attnserve classifier", route)
 
 
 class ClassifyForm(BaseModel):
-    """The non-file fields of a multipart upload (files go in repeated `images` parts)."""
+    """The non-file fields of a multipart upload (the files go in repeated `images` parts)."""
 
     model_config = ConfigDict(extra="forbid")
     top_k: int = Field(3, ge=1, le=10)
@@ -117,12 +117,13 @@ class Classifier:
 
     async def read_multipart(self, request: Request) -> tuple[list[bytes], int, bool]:
         form = await request.form(max_files=self.limits.max_images + 1, max_fields=16)
-        files = [f for f in form.getlist("images") if isinstance(f, UploadFile)]
+        # Every file part is an image, in order, whatever its field name (`images` documented, `files` common).
+        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not files:
             raise RequestValidationError([{"type": "missing", "loc": ("body", "images"),
-                                           "msg": "at least one file part named 'images' is required"}])
+                                           "msg": "at least one image file part (e.g. -F images=@shirt.png)"}])
         self.check_count(len(files))
-        fields = {k: v for k, v in form.multi_items() if k != "images"}
+        fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
         try:
             opts = ClassifyForm.model_validate(fields)
         except ValidationError as e:

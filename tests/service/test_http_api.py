@@ -57,7 +57,7 @@ def test_classify_json_multipart_and_attention(service):
     with service.client() as c:
         js = c.post("/v1/classify", json={"images": [b64(i) for i in images], "top_k": 4,
                                           "return_attention": True}).json()
-        files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
+        files = [("images" if i else "files", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)]
         mp = c.post("/v1/classify", files=files, data={"top_k": "4", "return_attention": "true"}).json()
     assert js == mp
     for p in js["predictions"]:

@@ -44,7 +44,7 @@ def test_limits_422(service):
         error(c.post("/v1/translate", json={"texts": ["ok", long]}), 422, "limit_exceeded", "texts[1]")
         error(c.post("/v1/classify", json={"images": [b64(png())], "top_k": 11}), 422, "invalid_request", "top_k")
         error(c.post("/v1/classify", content=b"{not json", headers={"content-type": "application/json"}), 422)
-        error(c.post("/v1/classify", files=[("other", ("a.png", png(), "image/png"))]), 422, field="images")
+        error(c.post("/v1/classify", files=[("top_k", (None, "3"))]), 422, field="images")
         error(c.post("/v1/classify", files=[("images", ("a.png", png(), "image/png"))], data={"top_k": "0"}),
               422, field="top_k")
 
