@@ -8,6 +8,7 @@ manifest names the same checkpoint sha256 and already has the asked precisions i
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import shutil
 import tempfile
@@ -66,10 +67,14 @@ def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
         sha = sha256_file(snap / "model.safetensors")
         version = opts.version or sha[:12]
         dest = opts.out / checkpoint.name / version
-        if not opts.force and up_to_date(dest, sha, opts.precisions):
-            print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
-            return dest
-        return _build(snap, checkpoint, sha, version, dest, opts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.parent / ".export.lock", "w") as lock:
+            # Two exports of one model (e.g. a test fixture and a terminal) would share the partial folder.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not opts.force and up_to_date(dest, sha, opts.precisions):
+                print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
+                return dest
+            return _build(snap, checkpoint, sha, version, dest, opts)
 
 
 def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opts: ExportOptions) -> Path:

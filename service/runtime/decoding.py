@@ -29,6 +29,13 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def chosen_log_prob(logits: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """log_softmax(logits)[i, chosen[i]] without materialising the whole log-softmax."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1)
+    return x[np.arange(len(chosen)), chosen] - m - np.log(np.exp(x - m[:, None]).sum(axis=-1))
+
+
 def empty_past(cross: np.ndarray) -> np.ndarray:
     layers, _, n, heads, _, head_dim = cross.shape
     return np.zeros((layers, 2, n, heads, 0, head_dim), dtype=cross.dtype)
@@ -48,7 +55,7 @@ def greedy(
     for _ in range(max_new_tokens):
         logits, past, attn = step(tokens, cross, src_mask, past)
         nxt = logits.argmax(axis=-1)
-        logp = log_softmax(logits)[np.arange(len(nxt)), nxt]
+        logp = chosen_log_prob(logits, nxt)
         for j, i in enumerate(active):
             out[i].append(int(nxt[j]))
             scores[i] += logp[j]
