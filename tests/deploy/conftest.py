@@ -16,9 +16,9 @@ from localcluster import REPO, LocalCluster, small_cluster_config
 
 @pytest.fixture(scope="module")
 def served_root(request: pytest.FixtureRequest) -> Path:
-    """The artifacts to serve: $ATTNSERVE_ARTIFACTS when set (the service's own override), else the session's
-    export of the committed checkpoints."""
-    env = os.environ.get("ATTNSERVE_ARTIFACTS")
+    """The artifacts to serve: the session's export of the committed checkpoints, or $ATTNSERVE_TEST_ARTIFACTS
+    (as in tests/service: for iterating before the trained checkpoints exist)."""
+    env = os.environ.get("ATTNSERVE_TEST_ARTIFACTS")
     return Path(env) if env else request.getfixturevalue("artifacts_dir")
 
 
