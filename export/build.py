@@ -13,7 +13,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -74,6 +74,9 @@ def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
             if not opts.force and up_to_date(dest, sha, opts.precisions):
                 print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
                 return dest
+            if (dest / MANIFEST).is_file() and not opts.force:  # adding a precision keeps the ones built before
+                have = json.loads((dest / MANIFEST).read_text()).get("graphs", {})
+                opts = replace(opts, precisions=tuple(dict.fromkeys([*opts.precisions, *have])))
             return _build(snap, checkpoint, sha, version, dest, opts)
 
 
