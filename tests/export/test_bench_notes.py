@@ -1,0 +1,26 @@
+"""The benchmark rewrites only its own section of the benchmark notes."""
+
+from __future__ import annotations
+
+from export.bench_runtime import BEGIN, END, table, write_notes
+
+
+def test_write_notes_replaces_only_the_runtime_section(tmp_path):
+    notes = tmp_path / "BENCHMARKS.md"
+    notes.write_text("# Benchmarks\n\n## HTTP\nkeep me\n")
+    write_notes(notes, "first")
+    write_notes(notes, "second")
+    text = notes.read_text()
+    assert "keep me" in text and "second" in text and "first" not in text
+    assert text.count(BEGIN) == text.count(END) == 1
+
+
+def test_table_puts_backends_side_by_side():
+    common = {"model": "translator", "precision": "fp32", "decoding": "greedy", "attention": False, "batch": 8}
+    rows = [
+        {**common, "backend": "onnxruntime", "items_per_s": 50.0, "tokens_per_s": 500.0},
+        {**common, "backend": "pytorch", "items_per_s": 20.0, "tokens_per_s": 200.0},
+        {**common, "backend": "ctranslate2", "items_per_s": 100.0, "tokens_per_s": 1000.0},
+    ]
+    lines = table(rows).splitlines()
+    assert len(lines) == 3 and lines[2].endswith("| 50.0 | 500 | 20.0 | 100.0 | 1000 | 0.50 |")
