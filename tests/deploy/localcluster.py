@@ -170,14 +170,17 @@ class LocalCluster:
         r.raise_for_status()
         return [n for n in r.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
 
-    def deploy(self, config: dict[str, Any], name: str = "serve_config") -> None:
-        """`serve deploy` the config, exactly as an operator would (through the head's dashboard)."""
+    def deploy(self, config: dict[str, Any], name: str = "serve_config") -> float:
+        """`serve deploy` the config, exactly as an operator would (through the head's dashboard). Returns how
+        long the command took (it returns once the controller accepted the config)."""
+        t0 = time.monotonic()
         path = self.root / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.config = config
         r = subprocess.run([str(BIN / "serve"), "deploy", str(path), "--address", self.dashboard],
                            env=self.env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"serve deploy failed:\n{r.stdout}\n{r.stderr}"
+        self.config = config
+        return time.monotonic() - t0
 
     def applications(self) -> dict[str, Any]:
         r = httpx.get(f"{self.dashboard}/api/serve/applications/", headers=self.headers, timeout=10)

@@ -207,10 +207,11 @@ def test_autoscaling_up_across_both_nodes_and_back_down(cluster: LocalCluster) -
 
 
 # ---------------------------------------------------------------------------------------------- rolling updates
-def deploy_and_wait(cluster: LocalCluster, config: dict[str, Any], app: str, deployment: str) -> float:
-    """`serve deploy`, then wait until Serve reports the new config applied and the deployment healthy."""
+def deploy_and_wait(cluster: LocalCluster, config: dict[str, Any], app: str, deployment: str) -> tuple[float, float]:
+    """`serve deploy`, then wait until Serve reports the new config applied and the deployment healthy.
+    Returns (seconds the `serve deploy` command took, seconds until applied and healthy)."""
     t_deploy = time.time()
-    cluster.deploy(validated(config))
+    cli_s = cluster.deploy(validated(config))
 
     def applied() -> bool:
         a = cluster.applications()[app]
@@ -218,7 +219,7 @@ def deploy_and_wait(cluster: LocalCluster, config: dict[str, Any], app: str, dep
                 and a["deployments"][deployment]["status"] == "HEALTHY")
 
     wait_until(f"{app} updated and healthy", applied, 180)
-    return time.time() - t_deploy
+    return cli_s, time.time() - t_deploy
 
 
 def classifier_app(config: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +239,7 @@ def test_rolling_user_config_and_model_version_under_load(cluster: LocalCluster,
         # 1. user_config: batches capped at one request. Lightweight: replicas reconfigure in place.
         cfg = copy.deepcopy(cluster.config)
         classifier_app(cfg)["deployments"][0]["user_config"]["max_batch_size"] = 1
-        batch_s = deploy_and_wait(cluster, cfg, "classifier", "Classifier")
+        batch_cli_s, batch_s = deploy_and_wait(cluster, cfg, "classifier", "Classifier")
         time.sleep(5)  # batches formed before the change are exported within two intervals
         count0, ones0 = batch_hist(cluster)
         time.sleep(8)
@@ -248,7 +249,7 @@ def test_rolling_user_config_and_model_version_under_load(cluster: LocalCluster,
         cfg = copy.deepcopy(cluster.config)
         classifier_app(cfg)["args"]["classifier"]["version"] = second_version
         t_version = time.monotonic() - load.t0
-        version_s = deploy_and_wait(cluster, cfg, "classifier", "Classifier")
+        version_cli_s, version_s = deploy_and_wait(cluster, cfg, "classifier", "Classifier")
         t_done = time.monotonic() - load.t0
         time.sleep(5)
     finally:
@@ -258,6 +259,7 @@ def test_rolling_user_config_and_model_version_under_load(cluster: LocalCluster,
     first_new = min((r.t for r in results if r.version == second_version), default=None)
     record("rolling_update", {
         "load": "4 closed-loop clients, /v1/classify", "requests": len(results), "failed": len(failures),
+        "serve_deploy_command_s": [round(batch_cli_s, 1), round(version_cli_s, 1)],
         "user_config_applied_s": round(batch_s, 1), "batches_after_change": count1 - count0,
         "batches_of_one_after_change": ones1 - ones0, "version_rollout_s": round(version_s, 1),
         "first_new_version_response_s_after_deploy": None if first_new is None else round(first_new - t_version, 1),
