@@ -115,14 +115,16 @@ def scrape(metrics_url: str, model: str) -> tuple[float, float, float]:
     return tuple(out.values())  # type: ignore[return-value]
 
 
-def scrape_after(metrics_url: str, model: str, before: tuple[float, float, float], sent: int,
-                 wait_s: float) -> tuple[float, float, float]:
-    """Ray exports metrics every few seconds: poll until every request sent is counted."""
-    deadline = time.monotonic() + wait_s
+def scrape_after(metrics_url: str, model: str, sent: int, wait_s: float) -> tuple[float, float, float]:
+    """Ray exports metrics every few seconds: poll until every request sent is counted, then until the
+    batch count stops moving (the counter and the histogram are not always exported together)."""
+    deadline, last = time.monotonic() + wait_s, None
     while True:
         now = scrape(metrics_url, model)
-        if now[0] - before[0] >= sent or time.monotonic() > deadline:
+        if (now[0] >= sent and now == last) or time.monotonic() > deadline:
             return now
+        last = now if now[0] >= sent else None
+        time.sleep(1)
         time.sleep(1)
 
 
@@ -165,12 +167,14 @@ def main(argv: list[str] | None = None) -> None:
     sent = {route: scrape(a.metrics_url, MODELS[route])[0] for route in a.routes}
     for route in a.routes:
         for c in a.concurrency:
-            before = scrape_after(a.metrics_url, MODELS[route], (0, 0, 0), int(sent[route]), a.metrics_wait)
+            before = scrape_after(a.metrics_url, MODELS[route], int(sent[route]), a.metrics_wait)
             result = asyncio.run(load(a.url, route, c, a.seconds, a.items))
             sent[route] += result.requests + result.errors + WARMUP
-            after = scrape_after(a.metrics_url, MODELS[route], (0, 0, 0), int(sent[route]), a.metrics_wait)
+            after = scrape_after(a.metrics_url, MODELS[route], int(sent[route]), a.metrics_wait)
+            # Exact mean: each successful request was in exactly one batch. (Ray exports a histogram's _sum
+            # from bucket midpoints, so _sum/_count is only an approximation.)
             res, batches = result.row(), after[2] - before[2]
-            res["batch"] = (after[1] - before[1]) / batches if batches else float("nan")
+            res["batch"] = (result.requests + WARMUP) / batches if batches else float("nan")
             rows.append((route, c, res, None))
             print(f"attnserve {route:9} c={c:<3} {res['rps']:8.1f} req/s  p50 {res['p50']:7.1f} ms  "
                   f"p99 {res['p99']:7.1f} ms  errors {res['errors']}  batch {res['batch']:.2f}", flush=True)
