@@ -2,7 +2,7 @@
 
 They go through `ray.serve.metrics`: metrics made with prometheus_client inside a replica are never exported
 by Ray. Ray adds the `ray_` prefix plus `deployment`, `replica` and `application` tags, and exports them on the
-node's metrics export port about 10 s after first use. docs/METRICS.md lists them all.
+node's metrics export port about 10 s after first use. README.md (Metrics) lists them all.
 """
 
 from __future__ import annotations
