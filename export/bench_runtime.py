@@ -38,7 +38,7 @@ def machine() -> str:
 
 
 def snapshot(artifact: Path, into: Path) -> Path:
-    """Copy the checkpoint the artifact was exported from, refusing if it has changed since."""
+    """Copy the checkpoint the artifact was exported from, refusing if it has changed since (training)."""
     m = load_manifest(artifact, verify=False)
     ckpt = (
         REPO / m.source["checkpoint"]
@@ -146,10 +146,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--notes", type=Path, default=REPO / "docs" / "BENCHMARKS.md", help="where to record the table")
     p.add_argument("--no-notes", action="store_true", help="print only")
     args = p.parse_args(argv)
-    vit_dir = find_artifact(args.artifacts, "vit-fashion")
-    tr_dir = find_artifact(args.artifacts, "translator-en-es")
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
+        # Export first (a no-op when up to date) so the ONNX graphs and the snapshot hold the same weights.
+        subprocess.run(
+            [sys.executable, "-m", "service.cli", "export", "--out", str(args.artifacts)], cwd=REPO, check=True
+        )
+        vit_dir = find_artifact(args.artifacts, "vit-fashion")
+        tr_dir = find_artifact(args.artifacts, "translator-en-es")
         vit_ck, tr_ck = snapshot(vit_dir, tmp / "vit"), snapshot(tr_dir, tmp / "translator")
         from export.ct2 import AttnserveConverter
 
