@@ -18,7 +18,16 @@ SPLIT_SHA256 = {
     "test": "44ad4a209767e00fa73ccf0333886935af27e7f763489da98f8b3e221d51141d",
 }
 FASHION_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 

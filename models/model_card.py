@@ -13,23 +13,29 @@ import torch
 
 from models.checkpoint import CHECKPOINTS, load_checkpoint
 
-DATA_TRANSLATOR = """English→Spanish pairs of Tatoeba via manythings.org/anki (`../shared/data/spa-eng/spa.txt`, CC BY 2.0,
-attribution: www.manythings.org/anki and tatoeba.org), split by the sha256 rule of `SPLIT.md`
+DATA_TRANSLATOR = """English→Spanish pairs of Tatoeba via manythings.org/anki
+(`../shared/data/spa-eng/spa.txt`, CC BY 2.0, attribution: www.manythings.org/anki and tatoeba.org),
+split by the sha256 rule of `SPLIT.md`
 (train 113,075 / valid 2,473 / test 2,307 pairs; a test checks the three split checksums). The BPE vocabulary
 (`tokenizer.json`, `tokenizers` library, NFKC + Metaspace + punctuation split) was trained on the train split only."""
-DATA_VIT = """Fashion-MNIST (Zalando SE, MIT; `../shared/data/fashion-mnist`). Trained on the first 55,000 training images,
-checkpoints picked on the last 5,000 training images (valid), reported on the 10,000 test images."""
+DATA_VIT = """Fashion-MNIST (Zalando SE, MIT; `../shared/data/fashion-mnist`).
+Trained on the first 55,000 training images, checkpoints picked on the last 5,000 training images (valid),
+reported on the 10,000 test images."""
 
 
 def describe(meta: dict, n_params: int) -> str:
     c = meta["config"]
     if meta["kind"] == "translator":
-        return (f"Pre-LN Transformer encoder–decoder: d={c['dim']}, {c['encoder_layers']}+{c['decoder_layers']} layers, "
-                f"{c['heads']} heads, FFN {c['ffn_dim']}, shared {c['vocab_size']}-token BPE with tied embeddings, "
-                f"learned positions; {n_params / 1e6:.2f} M parameters. Greedy decoding with a key/value cache.")
-    return (f"Vision Transformer for 28×28 grayscale: {c['stem']} stem to a {c['image_size'] // c['patch_size']}×"
-            f"{c['image_size'] // c['patch_size']} grid of tokens (each a 4×4 region), CLS token, learned positions, "
-            f"d={c['dim']}, {c['depth']} layers, {c['heads']} heads, MLP {c['mlp_dim']}; {n_params / 1e6:.2f} M parameters.")
+        return (
+            f"Pre-LN Transformer encoder–decoder: d={c['dim']}, {c['encoder_layers']}+{c['decoder_layers']} layers, "
+            f"{c['heads']} heads, FFN {c['ffn_dim']}, shared {c['vocab_size']}-token BPE with tied embeddings, "
+            f"learned positions; {n_params / 1e6:.2f} M parameters. Greedy decoding with a key/value cache."
+        )
+    return (
+        f"Vision Transformer for 28×28 grayscale: {c['stem']} stem to a {c['image_size'] // c['patch_size']}×"
+        f"{c['image_size'] // c['patch_size']} grid of tokens (each a 4×4 region), CLS token, learned positions, "
+        f"d={c['dim']}, {c['depth']} layers, {c['heads']} heads, MLP {c['mlp_dim']}; {n_params / 1e6:.2f} M parameters."
+    )
 
 
 def measure(path: Path, model: torch.nn.Module, meta: dict) -> dict:
@@ -55,19 +61,24 @@ def write_card(path: Path) -> dict:
     (path / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     t = meta["training"]
     if meta["kind"] == "translator":
-        quality = (f"| split | BLEU | chrF | n |\n| --- | --- | --- | --- |\n"
-                   f"| valid (checkpoint pick) | {meta['valid']['bleu']} | {meta['valid']['chrf']} | {meta['valid']['n']} |\n"
-                   f"| **test** | **{test['bleu']}** | {test['chrf']} | {test['n']} |\n\n"
-                   "Greedy decoding, sacrebleu defaults (13a tokenizer), one reference per line. Reproduce with "
-                   "`attnserve data && attnserve eval translator --pairs data-cache/spa-eng-test.tsv`.")
+        quality = (
+            f"| split | BLEU | chrF | n |\n| --- | --- | --- | --- |\n"
+            f"| valid (checkpoint pick) | {meta['valid']['bleu']} | {meta['valid']['chrf']} | {meta['valid']['n']} |\n"
+            f"| **test** | **{test['bleu']}** | {test['chrf']} | {test['n']} |\n\n"
+            "Greedy decoding, sacrebleu defaults (13a tokenizer), one reference per line. Reproduce with "
+            "`attnserve data && attnserve eval translator --pairs data-cache/spa-eng-test.tsv`."
+        )
         data = DATA_TRANSLATOR
     else:
-        quality = (f"| split | accuracy | n |\n| --- | --- | --- |\n"
-                   f"| valid (checkpoint pick) | {meta['valid']['accuracy']:.4f} | {meta['valid']['n']} |\n"
-                   f"| **test** | **{test['accuracy']:.4f}** | {test['n']} |\n\n"
-                   "Reproduce with `attnserve data && attnserve eval vit --npz data-cache/fashion-test.npz`.")
+        quality = (
+            f"| split | accuracy | n |\n| --- | --- | --- |\n"
+            f"| valid (checkpoint pick) | {meta['valid']['accuracy']:.4f} | {meta['valid']['n']} |\n"
+            f"| **test** | **{test['accuracy']:.4f}** | {test['n']} |\n\n"
+            "Reproduce with `attnserve data && attnserve eval vit --npz data-cache/fashion-test.npz`."
+        )
         data = DATA_VIT
     history = "\n".join(f"| {json.dumps({k: v for k, v in h.items()})} |" for h in t.get("history", []))
+    tok_note = ", `tokenizer.json`" if meta["kind"] == "translator" else ""
     card = f"""# {path.name}
 
 ## Model
@@ -80,10 +91,10 @@ def write_card(path: Path) -> dict:
 {quality}
 
 ## Training
-- Command: `{t['command']}`
-- Hardware: {t['hardware']}
-- Training time: {t['train_minutes']} min ({t['steps']} optimizer steps), seed {t['seed']}
-- Files: `model.safetensors` (weights, no pickle), `config.json` (architecture, training details, metrics){", `tokenizer.json`" if meta["kind"] == "translator" else ""}
+- Command: `{t["command"]}`
+- Hardware: {t["hardware"]}
+- Training time: {t["train_minutes"]} min ({t["steps"]} optimizer steps), seed {t["seed"]}
+- Files: `model.safetensors` (weights, no pickle), `config.json` (architecture, training details, metrics){tok_note}
 
 Validation history:
 

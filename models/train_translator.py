@@ -27,9 +27,7 @@ MAX_LEN = 128
 def encode_pairs(tok: Tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     src = tok.encode_batch([en for en, _ in pairs])
     tgt = tok.encode_batch([es for _, es in pairs])
-    return [
-        (s.ids[: MAX_LEN - 1] + [EOS], [BOS] + t.ids[: MAX_LEN - 2] + [EOS]) for s, t in zip(src, tgt, strict=True)
-    ]
+    return [(s.ids[: MAX_LEN - 1] + [EOS], [BOS] + t.ids[: MAX_LEN - 2] + [EOS]) for s, t in zip(src, tgt, strict=True)]
 
 
 def pad(rows: list[list[int]]) -> torch.Tensor:
@@ -102,7 +100,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    rng = random.Random(args.seed)
 
     splits = spa_eng_splits()
     if args.tiny:
@@ -116,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         tok.save(str(tok_path))
     cfg = TranslatorConfig(vocab_size=tok.get_vocab_size(), dim=args.dim, ffn_dim=4 * args.dim)
     if args.tiny:
-        cfg = TranslatorConfig(vocab_size=tok.get_vocab_size(), dim=32, heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64)
+        cfg = TranslatorConfig(
+            vocab_size=tok.get_vocab_size(), dim=32, heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64
+        )
     model = Translator(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     train = encode_pairs(tok, splits["train"])
@@ -137,7 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         model.load_state_dict(load_checkpoint(args.out)[0].state_dict())
         print("resumed weights from", args.out, "(no optimizer state)")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"translator: {n_params / 1e6:.2f} M params, {len(train)} train pairs, {steps_per_epoch} steps/epoch, {hardware()}")
+    print(
+        f"translator: {n_params / 1e6:.2f} M params, {len(train)} train pairs, "
+        f"{steps_per_epoch} steps/epoch, {hardware()}"
+    )
 
     wall0 = time.time()
     next_eval = budget.elapsed_s + args.eval_minutes * 60
@@ -146,7 +148,14 @@ def main(argv: list[str] | None = None) -> None:
         nonlocal best, next_eval
         budget.pause()
         metrics = bleu_chrf(model, tok, splits["valid"])
-        history.append({"epoch": round(epoch + frac, 2), "step": budget.step, "train_minutes": round(budget.elapsed_s / 60, 1), "valid": metrics})
+        history.append(
+            {
+                "epoch": round(epoch + frac, 2),
+                "step": budget.step,
+                "train_minutes": round(budget.elapsed_s / 60, 1),
+                "valid": metrics,
+            }
+        )
         print(json.dumps(history[-1]), flush=True)
         if metrics["bleu"] > best:
             best = metrics["bleu"]
@@ -158,16 +167,24 @@ def main(argv: list[str] | None = None) -> None:
 
     def training_info() -> dict:
         return {
-            "command": "attnserve train translator " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-            "params": n_params, "steps": budget.step, "train_minutes": round(budget.elapsed_s / 60, 1),
-            "hardware": hardware(), "seed": args.seed, "max_tokens": args.max_tokens, "lr": args.lr,
-            "warmup": args.warmup, "label_smoothing": 0.1, "history": history,
+            "command": "attnserve train translator "
+            + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "params": n_params,
+            "steps": budget.step,
+            "train_minutes": round(budget.elapsed_s / 60, 1),
+            "hardware": hardware(),
+            "seed": args.seed,
+            "max_tokens": args.max_tokens,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "label_smoothing": 0.1,
+            "history": history,
         }
 
     frac = 0.0
     model.train()
     while epoch < args.epochs and not budget.done():
-        batches = token_batches(train, args.max_tokens, rng)
+        batches = token_batches(train, args.max_tokens, random.Random(args.seed * 1000 + epoch))  # resumable order
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", mininterval=30, file=sys.stdout)
         for bi, idx in enumerate(bar):
             src = pad([train[i][0] for i in idx])
@@ -189,7 +206,10 @@ def main(argv: list[str] | None = None) -> None:
             frac = 0.0
     if not history or history[-1]["step"] != budget.step:
         evaluate_and_save()
-    print(f"done: best valid BLEU {best}, {budget.elapsed_s / 60:.1f} training min, {(time.time() - wall0) / 60:.1f} wall min")
+    print(
+        f"done: best valid BLEU {best}, {budget.elapsed_s / 60:.1f} training min, "
+        f"{(time.time() - wall0) / 60:.1f} wall min"
+    )
 
 
 if __name__ == "__main__":

@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         best, history, epoch = state["best"], state["history"], state["epoch"]
         print(f"resumed at epoch {epoch}, {budget.elapsed_s / 60:.1f} min trained, best valid acc {best}")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"vit: {n_params / 1e6:.2f} M params, {len(train_x)} train images, {steps_per_epoch} steps/epoch, {hardware()}")
+    print(
+        f"vit: {n_params / 1e6:.2f} M params, {len(train_x)} train images, {steps_per_epoch} steps/epoch, {hardware()}"
+    )
     command = "attnserve train vit " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     x_all, y_all = normalize(train_x), torch.as_tensor(train_y)
     wall0 = time.time()
@@ -110,21 +112,42 @@ def main(argv: list[str] | None = None) -> None:
         epoch += 1
         budget.pause()
         acc = accuracy(model, valid_x, valid_y)
-        history.append({"epoch": epoch, "step": budget.step, "train_minutes": round(budget.elapsed_s / 60, 1), "valid_accuracy": acc})
+        history.append(
+            {
+                "epoch": epoch,
+                "step": budget.step,
+                "train_minutes": round(budget.elapsed_s / 60, 1),
+                "valid_accuracy": acc,
+            }
+        )
         print(json.dumps(history[-1]), flush=True)
         if acc > best:
             best = acc
             info = {
-                "command": command, "params": n_params, "steps": budget.step, "epochs": epoch,
-                "train_minutes": round(budget.elapsed_s / 60, 1), "hardware": hardware(), "seed": args.seed,
-                "batch_size": args.batch_size, "lr": args.lr, "history": history,
+                "command": command,
+                "params": n_params,
+                "steps": budget.step,
+                "epochs": epoch,
+                "train_minutes": round(budget.elapsed_s / 60, 1),
+                "hardware": hardware(),
+                "seed": args.seed,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "history": history,
             }
-            extra = {"training": info, "valid": {"accuracy": acc, "n": len(valid_x)}, "labels": FASHION_LABELS,
-                     "preprocessing": {"size": [28, 28], "mode": "L", "scale": 1 / 255, "mean": MEAN, "std": STD}}
+            extra = {
+                "training": info,
+                "valid": {"accuracy": acc, "n": len(valid_x)},
+                "labels": FASHION_LABELS,
+                "preprocessing": {"size": [28, 28], "mode": "L", "scale": 1 / 255, "mean": MEAN, "std": STD},
+            }
             save_checkpoint(model, args.out, kind="vit", extra=extra)
         save_state(args.state, model, opt, budget, {"best": best, "history": history, "epoch": epoch})
         budget.resume()
-    print(f"done: best valid accuracy {best:.4f}, {budget.elapsed_s / 60:.1f} training min, {(time.time() - wall0) / 60:.1f} wall min")
+    print(
+        f"done: best valid accuracy {best:.4f}, {budget.elapsed_s / 60:.1f} training min, "
+        f"{(time.time() - wall0) / 60:.1f} wall min"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,11 @@ def seed_everything(seed: int) -> None:
 
 
 def hardware() -> str:
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    dev = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return f"{dev}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 

@@ -165,7 +165,9 @@ class Translator(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool, device=src.device).tril()[None, None]
         x = self.embed_tokens(tgt_in)
         for i, layer in enumerate(self.decoder):
-            x, _, _ = layer(x, None, (cross[i, 0], cross[i, 1]), causal, src_mask[:, None, None, :], return_attention=False)
+            x, _, _ = layer(
+                x, None, (cross[i, 0], cross[i, 1]), causal, src_mask[:, None, None, :], return_attention=False
+            )
         return self.decoder_norm(x)
 
     def loss(self, src: Tensor, tgt: Tensor, *, label_smoothing: float = 0.1) -> Tensor:

@@ -1,8 +1,12 @@
 from models.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 CORPUS = [
-    "¿Dónde está la biblioteca?", "Where is the library?", "I don't know, \"Tom\".", "No lo sé.",
-    "Ella tiene veintidós años.", "She is twenty-two years old.",
+    "¿Dónde está la biblioteca?",
+    "Where is the library?",
+    'I don\'t know, "Tom".',
+    "No lo sé.",
+    "Ella tiene veintidós años.",
+    "She is twenty-two years old.",
 ] * 20
 
 

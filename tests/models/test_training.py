@@ -11,7 +11,19 @@ from models.train_vit import main as train_vit
 
 def test_train_translator_tiny_checkpoints_and_resumes(shared_data, tmp_path):
     out, state = tmp_path / "tr", tmp_path / "tr-state.pt"
-    args = ["--tiny", "--max-minutes", "0.05", "--eval-minutes", "0.05", "--out", str(out), "--state", str(state), "--threads", "1"]
+    args = [
+        "--tiny",
+        "--max-minutes",
+        "0.05",
+        "--eval-minutes",
+        "0.05",
+        "--out",
+        str(out),
+        "--state",
+        str(state),
+        "--threads",
+        "1",
+    ]
     train_translator(args)
     meta = json.loads((out / "config.json").read_text())
     assert meta["kind"] == "translator" and meta["valid"]["n"] == 50 and (out / "tokenizer.json").exists()

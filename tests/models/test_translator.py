@@ -2,7 +2,9 @@ import torch
 
 from models.translator import BOS, EOS, PAD, Translator, TranslatorConfig, greedy_decode
 
-TINY = TranslatorConfig(vocab_size=50, dim=32, heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=64, max_positions=64)
+TINY = TranslatorConfig(
+    vocab_size=50, dim=32, heads=4, encoder_layers=2, decoder_layers=2, ffn_dim=64, max_positions=64
+)
 
 
 def tiny_model() -> Translator:
