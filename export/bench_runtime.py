@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             " sample sentences.",
             "Rates are per CPU-second of each backend's process (1 compute thread): on this shared, loaded CPU"
             " wall-clock rates swing several-fold between neighbouring rows, so only ratios are meaningful.",
+            "PyTorch greedy without attention is the model's own cached loop (the batch runs until its longest"
+            " sentence ends); its other rows use the runtime's numpy search on torch steps (finished rows leave).",
             "",
             table(rows),
         ]
