@@ -75,3 +75,21 @@ def test_parity_reports_every_mismatch(tiny_artifacts):
     assert len(bad) >= 4  # logits and present_kv of both cases at least
     err = ParityError(bad)
     assert "decoder_attn [case0] logits" in str(err) and "decoder_attn [case1]" in str(err)
+
+
+def test_fp16_variant_builds_runs_and_agrees(tiny_artifacts, tmp_path, shared_data):
+    """fp16 (for GPUs) is exported with fp32 inputs/outputs and its measured quality change recorded; on the
+    CPU provider it still runs, so its outputs can be checked against fp32 here."""
+    import numpy as np
+
+    from service.runtime import ClassifierRuntime
+
+    opts = ExportOptions(out=tmp_path, precisions=("fp32", "fp16"), greedy_sentences=4, quality_limit=16)
+    out = export_checkpoint(tiny_artifacts["checkpoints"]["vit"], opts)
+    m = manifest(out)
+    assert set(m["graphs"]) == {"fp32", "fp16"} and "fp16" in m["quality"]
+    pixels = np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32)
+    ref = ClassifierRuntime(out, precision="fp32", device="cpu").classify(pixels, return_attention=True)
+    half = ClassifierRuntime(out, precision="fp16", device="cpu").classify(pixels, return_attention=True)
+    np.testing.assert_allclose(half.probs, ref.probs, atol=2e-2)
+    np.testing.assert_allclose(half.attentions.sum(-1), 1.0, atol=2e-2)
