@@ -64,10 +64,20 @@ def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpu
     from ray.serve.schema import ServeDeploySchema
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Serve gives a new proxy 5 s to report ready, then kills it: too tight on a busy 2-core machine
+    # (seen in CI-like runs). Set before ray.init so the controller inherits it.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     schema = ServeDeploySchema.model_validate(config)  # fail before starting anything
     ray.init(address="local", include_dashboard=dashboard, _metrics_export_port=metrics_port,
              num_cpus=num_cpus, namespace="serve", log_to_driver=False, configure_logging=False)
-    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    http = schema.http_options.model_dump()
+    try:
+        client = serve_start(http_options=http, proxy_location=schema.proxy_location)
+    except (ray.exceptions.ActorDiedError, TimeoutError) as e:
+        # The controller replaces a proxy that failed its ready check and keeps running; connect to it
+        # again. wait_ready() then polls HTTP until the new proxy answers.
+        print(f"attnserve serve: Serve's proxy restarted ({type(e).__name__}); waiting for it", flush=True)
+        client = serve_start(http_options=http, proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
 
 
