@@ -54,8 +54,9 @@ def to_model_input(raw: bytes, *, field: str, max_bytes: int, max_pixels: int) -
             img.load()
     except ImageTooLarge:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except UnidentifiedImageError:
+        raise BadImage("not a PNG or JPEG image (send base64 of the file's bytes)", field=field) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"cannot decode the image as PNG or JPEG: {e}", field=field) from None
     return _convert(img)
 
