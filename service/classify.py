@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from starlette.datastructures import UploadFile
 
-from service.config import AppArgs, BatchSettings
 from service.errors import LimitExceeded
-from service.http import ERROR_RESPONSES, Gate, RouteSettings, make_api
-from service.metrics import metrics
+from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.preprocess import decode_base64, to_model_input
-from service.runtime import ClassifierRuntime, find_artifact
+from service.replica import ModelReplica
+from service.runtime import ClassifierRuntime
 from service.schemas import ClassifierAttention, ClassifyRequest, ClassifyResponse, LabelScore, Prediction
 
 ROUTE = "/v1/classify"
@@ -68,33 +66,17 @@ def validation_error(e: ValidationError, prefix: tuple[str, ...] = ("body",)) ->
 
 @serve.deployment(name="Classifier", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
-class Classifier:
+class Classifier(ModelReplica):
     def __init__(self, args: dict[str, Any]) -> None:
-        self.args = AppArgs.model_validate(args)
-        cfg, self.limits = self.args.classifier, self.args.limits
-        path = find_artifact(self.args.resolved_root(), cfg.name, cfg.version)
-        self.rt = ClassifierRuntime(path, precision=cfg.precision, device=cfg.device,
-                                    intra_op_threads=cfg.intra_op_threads)
-        self.gate = Gate(max_pending=cfg.max_pending, timeout_s=cfg.timeout_s, retry_after_s=self.args.retry_after_s)
-        self.settings = BatchSettings()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ort")
-        self.metrics = metrics()
+        cfg = self.open(args, "classifier", ClassifierRuntime)
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.classify(self.rt.normalize(np.zeros((2, 28, 28), np.uint8)), return_attention=attn)
         route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.settings = BatchSettings.model_validate(user_config or {})
-        self.run_batch.set_max_batch_size(self.settings.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "image-classification", "route": ROUTE,
                 "labels": self.rt.labels, "precision": self.rt.precision, "device": self.rt.device}
-
-    def ready(self) -> bool:
-        return True
 
     @api.post("/", response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=OPENAPI_BODY,
               summary="Classify images (JSON base64 or multipart upload)")

@@ -7,18 +7,16 @@ decode request -> check limits -> batch -> run (fast or attention graphs) -> enc
 import asyncio
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 from ray import serve
 
-from service.config import AppArgs, BatchSettings
 from service.errors import LimitExceeded
-from service.http import ERROR_RESPONSES, Gate, RouteSettings, make_api
-from service.metrics import metrics
-from service.runtime import TranslationResult, TranslatorRuntime, find_artifact
+from service.http import ERROR_RESPONSES, RouteSettings, make_api
+from service.replica import ModelReplica
+from service.runtime import TranslationResult, TranslatorRuntime
 from service.schemas import TranslateRequest, TranslateResponse, Translation, TranslationAttention
 
 ROUTE = "/v1/translate"
@@ -51,34 +49,18 @@ def encode(r: TranslationResult, with_attention: bool) -> Translation:
 
 @serve.deployment(name="Translator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
-class Translator:
+class Translator(ModelReplica):
     def __init__(self, args: dict[str, Any]) -> None:
-        self.args = AppArgs.model_validate(args)
-        cfg, self.limits = self.args.translator, self.args.limits
-        path = find_artifact(self.args.resolved_root(), cfg.name, cfg.version)
-        self.rt = TranslatorRuntime(path, precision=cfg.precision, device=cfg.device,
-                                    intra_op_threads=cfg.intra_op_threads)
+        cfg = self.open(args, "translator", TranslatorRuntime)
         self.max_source_tokens = min(self.limits.max_source_tokens, self.rt.max_source_tokens)
-        self.gate = Gate(max_pending=cfg.max_pending, timeout_s=cfg.timeout_s, retry_after_s=self.args.retry_after_s)
-        self.settings = BatchSettings()
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ort")  # ORT off the event loop, one call at a time
-        self.metrics = metrics()
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.translate(["Hello, world."], max_new_tokens=4, return_attention=attn)
         route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self.settings = BatchSettings.model_validate(user_config or {})
-        self.run_batch.set_max_batch_size(self.settings.max_batch_size)
-        self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
-
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "translation", "route": ROUTE,
                 "labels": None, "precision": self.rt.precision, "device": self.rt.device}
-
-    def ready(self) -> bool:
-        return True  # __init__ returns only after loading and warming up
 
     def check_limits(self, req: TranslateRequest) -> None:
         lim = self.limits

@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from service.runtime import attention
+from service.runtime.base import ArtifactRuntime
 from service.runtime.errors import InputError
-from service.runtime.manifest import load_manifest
-from service.runtime.sessions import make_session, resolve_device
 
 
 @dataclass
@@ -24,30 +23,21 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-class ClassifierRuntime:
+class ClassifierRuntime(ArtifactRuntime):
     """The fast graph for plain classification; the attention graph only when attentions are asked for."""
+
+    GRAPHS = ("vit", "vit_attn")
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
     ) -> None:
-        self.artifact_dir = Path(artifact_dir)
-        self.manifest = load_manifest(self.artifact_dir)
-        self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
+        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
         self.labels: list[str] = list(self.manifest.labels or [])
-        self.device = resolve_device(device)
         pre = self.manifest.preprocessing or {}
         self.scale = float(pre.get("scale", 1 / 255))
         self.mean, self.std = float(pre.get("mean", 0.0)), float(pre.get("std", 1.0))
         self.image_size = int(self.manifest.model["image_size"])
         self.grid = int(self.manifest.model["grid"])
-        self.sessions = {
-            g: make_session(
-                self.artifact_dir / self.manifest.graph(precision, g).file,
-                device=self.device,
-                intra_op_threads=intra_op_threads,
-            )
-            for g in ("vit", "vit_attn")
-        }
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W) -> float32 (N, 1, H, W): x * scale (1/255), then (x - mean)/std as in training."""

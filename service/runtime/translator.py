@@ -9,10 +9,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.runtime import attention
+from service.runtime.base import ArtifactRuntime
 from service.runtime.decoding import Hypothesis, Step, beam_search, greedy
 from service.runtime.errors import InputError
-from service.runtime.manifest import load_manifest
-from service.runtime.sessions import make_session, resolve_device
 
 MAX_BEAM = 8
 
@@ -27,7 +26,7 @@ class TranslationResult:
     heads: list[int]
 
 
-class TranslatorRuntime:
+class TranslatorRuntime(ArtifactRuntime):
     """Encoder and decoder-step sessions; the attention variants only run when alignment is asked for."""
 
     GRAPHS = ("encoder", "decoder", "decoder_attn")
@@ -35,10 +34,7 @@ class TranslatorRuntime:
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
     ) -> None:
-        self.artifact_dir = Path(artifact_dir)
-        self.manifest = load_manifest(self.artifact_dir)
-        self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
-        self.device = resolve_device(device)
+        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
         self.tokenizer = Tokenizer.from_file(str(self.artifact_dir / (self.manifest.tokenizer or "tokenizer.json")))
         special = self.manifest.special_tokens or {}
         self.pad, self.bos, self.eos = special.get("pad", 0), special.get("bos", 1), special.get("eos", 2)
@@ -46,14 +42,6 @@ class TranslatorRuntime:
         self.layers, self.heads = int(m["decoder_layers"]), int(m["heads"])
         self.max_source_tokens = int(m["max_source_tokens"])  # EOS included, as in training
         self.max_positions = int(m["max_positions"])
-        self.sessions = {
-            g: make_session(
-                self.artifact_dir / self.manifest.graph(precision, g).file,
-                device=self.device,
-                intra_op_threads=intra_op_threads,
-            )
-            for g in self.GRAPHS
-        }
 
     def _source(self, text: str) -> tuple[list[int], list[str]]:
         enc = self.tokenizer.encode(text)

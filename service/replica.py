@@ -1,0 +1,36 @@
+"""What every model deployment shares: typed args, its runtime, admission gate, one ORT thread, live batching."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from service.config import AppArgs, BatchSettings
+from service.http import Gate
+from service.metrics import metrics
+from service.runtime import find_artifact
+
+
+class ModelReplica:
+    """Mixed into a `@serve.deployment` class that defines a `@serve.batch` method named ``run_batch``."""
+
+    def open(self, args: dict[str, Any], component: str, runtime_cls: type) -> Any:
+        """Load the component's artifact into ``self.rt``; return the component's config."""
+        self.args = AppArgs.model_validate(args)
+        cfg, self.limits = getattr(self.args, component), self.args.limits
+        path = find_artifact(self.args.resolved_root(), cfg.name, cfg.version)
+        self.rt = runtime_cls(path, precision=cfg.precision, device=cfg.device, intra_op_threads=cfg.intra_op_threads)
+        self.gate = Gate(max_pending=cfg.max_pending, timeout_s=cfg.timeout_s, retry_after_s=self.args.retry_after_s)
+        self.settings = BatchSettings()
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ort")  # ORT off the event loop, one call at a time
+        self.metrics = metrics()
+        return cfg
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config: batch size and wait applied live, without restarting the replica."""
+        self.settings = BatchSettings.model_validate(user_config or {})
+        self.run_batch.set_max_batch_size(self.settings.max_batch_size)
+        self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def ready(self) -> bool:
+        return True  # __init__ returns only after loading and warming up

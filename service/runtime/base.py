@@ -1,0 +1,28 @@
+"""What both runtimes share: a verified manifest, the device, and one ORT session per graph, made once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service.runtime.manifest import load_manifest
+from service.runtime.sessions import make_session, resolve_device
+
+
+class ArtifactRuntime:
+    GRAPHS: tuple[str, ...] = ()  # the graphs a subclass runs, by manifest name
+
+    def __init__(
+        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
+    ) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = load_manifest(self.artifact_dir)  # verifies every file's sha256
+        self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
+        self.device = resolve_device(device)
+        self.sessions = {
+            g: make_session(
+                self.artifact_dir / self.manifest.graph(precision, g).file,
+                device=self.device,
+                intra_op_threads=intra_op_threads,
+            )
+            for g in self.GRAPHS
+        }
