@@ -90,3 +90,155 @@ def test_podmonitor_selects_the_pods_and_scrapes_the_metrics_port() -> None:
         labels = group["template"]["metadata"]["labels"]
         assert pm["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+# --- security: deploy/README.md#security --------------------------------------------------------------------------
+
+SECRET = "attnserve-ray-auth"
+HARDENED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def cluster_spec() -> dict[str, Any]:
+    return manifest()["spec"]["rayClusterConfig"]
+
+
+def pod_specs() -> dict[str, dict[str, Any]]:
+    spec = cluster_spec()
+    groups = {"head": spec["headGroupSpec"], **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+    return {name: g["template"]["spec"] for name, g in groups.items()}
+
+
+def policies() -> dict[str, dict[str, Any]]:
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "networkpolicies.yaml").read_text()))
+    assert all((d["apiVersion"], d["kind"]) == ("networking.k8s.io/v1", "NetworkPolicy") for d in docs)
+    return {d["metadata"]["name"]: d["spec"] for d in docs}
+
+
+def dockerfile_user() -> tuple[int, int]:
+    users = re.findall(r"^USER (\d+):(\d+)$", (DEPLOY / "docker" / "Dockerfile").read_text(), re.M)
+    assert users, "the serving image must name its user by number (runAsNonRoot can only check a numeric user)"
+    uid, gid = users[-1]
+    return int(uid), int(gid)
+
+
+def mebibytes(q: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    return float(q[:-2]) * units[q[-2:]] if q[-2:] in units else float(q) / 2**20
+
+
+def test_ray_token_auth_through_kuberay_and_on_every_ray_container() -> None:
+    spec = cluster_spec()
+    assert spec["authOptions"] == {"mode": "token", "secretName": SECRET}
+    assert tuple(map(int, spec["rayVersion"].split(".")[:2])) >= (2, 52), "Ray token auth needs Ray >= 2.52"
+    for name, c in containers(manifest()).items():
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"] == {"name": "RAY_AUTH_MODE", "value": "token"}, name
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": SECRET, "key": "auth_token"}}, name
+        assert "value" not in env["RAY_AUTH_TOKEN"], name
+
+
+def test_auth_secret_is_a_template_without_a_token() -> None:
+    text = (DEPLOY / "kuberay" / "auth-secret.yaml").read_text()
+    secret = yaml.safe_load(text)
+    assert (secret["apiVersion"], secret["kind"], secret["metadata"]["name"]) == ("v1", "Secret", SECRET)
+    assert "data" not in secret and "stringData" not in secret
+    assert f'kubectl create secret generic {SECRET} --from-literal=auth_token="$(openssl rand -hex 32)"' in text
+    assert "auth_token:" not in text and "RAY_AUTH_TOKEN=" not in (DEPLOY / "kuberay" / "rayservice.yaml").read_text()
+
+
+def test_every_container_runs_unprivileged_as_the_image_user() -> None:
+    uid, gid = dockerfile_user()
+    assert uid != 0
+    contexts = {n: c["securityContext"] for n, c in containers(manifest()).items()}
+    contexts["autoscaler"] = cluster_spec()["autoscalerOptions"]["securityContext"]
+    for name, sc in contexts.items():
+        assert HARDENED.items() <= sc.items(), name
+        assert (sc["runAsUser"], sc["runAsGroup"]) == (uid, gid), name
+    for name, pod in pod_specs().items():
+        sc = pod["securityContext"]
+        assert sc["runAsNonRoot"] is True and (sc["runAsUser"], sc["runAsGroup"]) == (uid, gid), name
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for c in pod["containers"]:
+            assert not c.get("securityContext", {}).get("privileged"), name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), name
+
+
+def test_only_the_autoscaler_gets_a_service_account_token() -> None:
+    mounts = cluster_spec()["autoscalerOptions"]["volumeMounts"]
+    for name, pod in pod_specs().items():
+        assert pod["automountServiceAccountToken"] is False, name
+        token_volumes = {v["name"] for v in pod.get("volumes", [])
+                         if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))}
+        for c in pod["containers"]:
+            assert not token_volumes & {m["name"] for m in c.get("volumeMounts", [])}, name
+        if name == "head":  # the autoscaler sidecar runs in the head pod and patches the RayCluster
+            assert [(m["name"], m["mountPath"]) for m in mounts] == [
+                (v, "/var/run/secrets/kubernetes.io/serviceaccount") for v in token_volumes]
+        else:
+            assert not token_volumes, name
+
+
+def test_memory_requested_and_capped_for_pods_and_replicas() -> None:
+    autoscaler = cluster_spec()["autoscalerOptions"]["resources"]
+    for name, res in [*((n, c["resources"]) for n, c in containers(manifest()).items()), ("autoscaler", autoscaler)]:
+        assert res["requests"]["memory"] == res["limits"]["memory"], name
+    cs = containers(manifest())
+    worker_cpu, worker_mem = float(cs["cpu"]["resources"]["requests"]["cpu"]), cs["cpu"]["resources"]["requests"]
+    worker_mib = mebibytes(worker_mem["memory"])
+    serve = yaml.safe_load(manifest()["spec"]["serveConfigV2"])
+    for app in serve["applications"]:
+        for dep in app["deployments"]:
+            opts = dep["ray_actor_options"]
+            mib = opts["memory"] / 2**20
+            assert mib > 0, dep["name"]
+            # As many replicas as fit a CPU worker by CPU must fit by memory too. Ray gives replicas what the pod
+            # has after the object store (30% by default) and its own processes: count on 60% of the pod.
+            per_pod = int(worker_cpu // opts["num_cpus"]) if opts["num_cpus"] else 1
+            assert per_pod * mib <= 0.6 * worker_mib, (dep["name"], per_pod, mib, worker_mib)
+
+
+def test_network_policies_deny_by_default_and_open_one_port_per_peer() -> None:
+    ps = policies()
+    pod_labels = [g["template"]["metadata"]["labels"] for g in
+                  [cluster_spec()["headGroupSpec"], *cluster_spec()["workerGroupSpecs"]]]
+    ours = {"app.kubernetes.io/name": "attnserve", "app.kubernetes.io/part-of": "attnserve"}
+    for name, p in ps.items():
+        assert p["policyTypes"] == ["Ingress"], name
+        selected = {k: v for k, v in p["podSelector"]["matchLabels"].items() if not k.startswith("ray.io/")}
+        assert selected == ours and all(ours.items() <= labels.items() for labels in pod_labels), name
+        for rule in p["ingress"]:
+            assert rule.get("from"), f"{name}: a rule without `from` admits every source"
+    assert ps["attnserve-default-deny"]["ingress"] == []
+    # Ray's own ports (GCS 6379, dashboard 8265, raylets, workers): any port, only from pods of this RayService,
+    # in this namespace (a peer with no namespaceSelector).
+    assert ps["attnserve-ray-internal"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": ours}}]}]
+    # Every rule that admits pods from elsewhere names exactly one port.
+    outside = {}
+    for name, p in ps.items():
+        for rule in p["ingress"]:
+            if any("namespaceSelector" in peer for peer in rule["from"]):
+                assert [port["protocol"] for port in rule["ports"]] == ["TCP"], name
+                outside[name] = (rule["ports"][0]["port"], rule["from"], p["podSelector"]["matchLabels"])
+    assert set(outside) == {"attnserve-dashboard-from-operator", "attnserve-serve-from-gateway",
+                            "attnserve-metrics-from-prometheus"}
+    port, peers, selects = outside["attnserve-dashboard-from-operator"]
+    assert port == 8265 and selects.get("ray.io/node-type") == "head"
+    assert peers == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kuberay-system"}},
+                      "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}]
+    port, peers, _ = outside["attnserve-serve-from-gateway"]
+    assert port == 8000 and len(peers) == 1 and peers[0]["namespaceSelector"]["matchLabels"]
+    assert peers[0]["podSelector"]["matchLabels"], "the gateway is named by namespace AND pod labels"
+    port, peers, _ = outside["attnserve-metrics-from-prometheus"]
+    assert port == 8080 and peers == [{"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": "monitoring"}}}]
+    # The ports named here are the container ports the pods declare.
+    declared = {p["containerPort"] for c in containers(manifest()).values() for p in c["ports"]}
+    assert {8265, 8000, 8080} <= declared
+    assert 8080 == int(cluster_spec()["headGroupSpec"]["rayStartParams"]["metrics-export-port"])
+    pm = yaml.safe_load((DEPLOY / "kuberay" / "podmonitor.yaml").read_text())
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
