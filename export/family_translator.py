@@ -63,6 +63,8 @@ def real_cases(spec: GraphSpec, model: Translator, snap: Path) -> dict[str, dict
     tgt = torch.tensor([[BOS, *(e.ids + [UNK] * 3)[:3]] for e in tok.encode_batch([es for _, es in pairs])])
     empty = torch.zeros(cross.size(0), 2, len(pairs), cross.size(3), 0, cross.size(5))
     _, present, _ = model.decode(tgt, cross, mask, empty)
+    if spec.name == "decoder_step":
+        return {"test_slots4_positions": slot_case(model, tgt, cross, mask, present)}
     nxt = tgt[:, -1:]
     cases = {
         "test_batch4_tgt4_past0": (tgt, cross, mask, empty),
@@ -71,6 +73,21 @@ def real_cases(spec: GraphSpec, model: Translator, snap: Path) -> dict[str, dict
     }
     names = ("tgt_ids", "cross_kv", "src_mask", "past_kv")
     return {k: {n: t.contiguous().numpy() for n, t in zip(names, v, strict=True)} for k, v in cases.items()}
+
+
+def slot_case(model: Translator, tgt, cross, mask, present) -> dict[str, np.ndarray]:
+    """Real sentences as engine slots at different positions: row i continues after 4 - i teacher-forced
+    tokens (its cache holds them; later cache entries are stale on purpose), weights on the last layer."""
+    n, past = tgt.size(0), present.size(4)
+    positions = torch.tensor([max(past - i, 0) for i in range(n)])
+    cache = torch.zeros(n, present.size(0), 2, present.size(3), past + 2, present.size(5))
+    cache[..., :past, :] = present.permute(2, 0, 1, 3, 4, 5)
+    align = torch.zeros(n, cross.size(0), cross.size(3))
+    align[:, -1] = 1.0 / cross.size(3)
+    tokens = tgt[torch.arange(n), positions.clamp(max=tgt.size(1) - 1)]
+    feeds = (tokens, positions, cache, cross.permute(2, 0, 1, 3, 4, 5), mask, align)
+    names = ("tokens", "positions", "cache", "cross_kv", "src_mask", "align_weights")
+    return {k: v.contiguous().numpy() for k, v in zip(names, feeds, strict=True)}
 
 
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:

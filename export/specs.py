@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from export.wrappers import DecoderGraph, EncoderGraph, ViTGraph
+from export.wrappers import DecoderGraph, EncoderGraph, SlotStepGraph, ViTGraph
 
-DYNAMIC = ("batch", "src_len", "tgt_len", "past_len")
+DYNAMIC = ("batch", "src_len", "tgt_len", "past_len", "slots", "cache_len")
 # Example sizes for tracing: all >= 2 and distinct, because torch.onnx.export(dynamo=True) silently fixes
 # an axis whose example size is 1, and equal sizes could be unified into one symbol.
-EXAMPLE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 3, "past_len": 4}
+EXAMPLE_SIZES = {"batch": 2, "src_len": 5, "tgt_len": 3, "past_len": 4, "slots": 3, "cache_len": 6}
+# Candidates per row that the slot step returns: beam search needs 2 * beam_size of them (beam_size <= 8).
+STEP_TOPK = 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,20 @@ PRESENT_KV = TensorSpec(
 )
 CROSS_ATTN = TensorSpec("cross_attentions", "float32", ("decoder_layers", "batch", "heads", "tgt_len", "src_len"))
 DEC_INPUTS = (TGT_IDS, CROSS_KV, SRC_MASK, PAST_KV)
+STEP_INPUTS = (
+    TensorSpec("tokens", "int64", ("slots",)),
+    TensorSpec("positions", "int64", ("slots",)),
+    TensorSpec("cache", "float32", ("slots", "decoder_layers", 2, "heads", "cache_len", "head_dim")),
+    TensorSpec("cross_kv", "float32", ("slots", "decoder_layers", 2, "heads", "src_len", "head_dim")),
+    TensorSpec("src_mask", "bool", ("slots", "src_len")),
+    TensorSpec("align_weights", "float32", ("slots", "decoder_layers", "heads")),
+)
+STEP_OUTPUTS = (
+    TensorSpec("topk_logprobs", "float32", ("slots", "topk")),
+    TensorSpec("topk_ids", "int64", ("slots", "topk")),
+    TensorSpec("cache_out", "float32", ("slots", "decoder_layers", 2, "heads", "cache_len", "head_dim")),
+    TensorSpec("alignment", "float32", ("slots", "src_len")),
+)
 
 VIT_GRAPHS = (
     GraphSpec("vit", lambda m: ViTGraph(m, attention=False), (PIXELS,), (LOGITS,)),
@@ -67,6 +83,7 @@ TRANSLATOR_GRAPHS = (
     GraphSpec(
         "decoder_attn", lambda m: DecoderGraph(m, attention=True), DEC_INPUTS, (DEC_LOGITS, PRESENT_KV, CROSS_ATTN)
     ),
+    GraphSpec("decoder_step", lambda m: SlotStepGraph(m, topk=STEP_TOPK), STEP_INPUTS, STEP_OUTPUTS),
 )
 GRAPHS = {"vit": VIT_GRAPHS, "translator": TRANSLATOR_GRAPHS}
 
@@ -90,4 +107,5 @@ def model_dims(kind: str, cfg) -> dict[str, int]:
         "head_dim": cfg.dim // cfg.heads,
         "vocab": cfg.vocab_size,
         "max_positions": cfg.max_positions,
+        "topk": STEP_TOPK,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -63,6 +64,24 @@ class MultiHeadAttention(nn.Module):
         b, nh, t, hs = out.shape
         out = out.transpose(1, 2).reshape(b, t, nh * hs)
         return self.dropout(self.to_out(out)), probs
+
+
+    def attend_cached(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, valid: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Self-attention of one new token per row over a fixed-capacity cache plus its own key/value.
+
+        x (B, 1, d); k_cache, v_cache (B, nh, C, hs) with ``valid`` (B, C) marking the row's past; k, v
+        (B, nh, 1, hs) of the new token. The new token's score is computed apart, so the cache is only read
+        (the caller writes k, v into it afterwards) and positions past a row's length never matter.
+        """
+        q = self.split_heads(self.to_q(x))  # (B, nh, 1, hs)
+        scale = 1.0 / math.sqrt(q.size(-1))
+        past = (q @ k_cache.transpose(-2, -1)) * scale  # (B, nh, 1, C)
+        past = past.masked_fill(~valid[:, None, None, :], float("-inf"))
+        own = (q * k).sum(-1, keepdim=True) * scale  # (B, nh, 1, 1)
+        probs = torch.cat([past, own], dim=-1).softmax(dim=-1)
+        out = probs[..., :-1] @ v_cache + probs[..., -1:] * v  # (B, nh, 1, hs)
+        b, nh, t, hs = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, t, nh * hs))
 
 
 class FeedForward(nn.Sequential):

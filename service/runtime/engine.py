@@ -1,0 +1,322 @@
+"""Iteration-level (continuous) batching for the translator: a small state machine over decoder slots.
+
+Verbs: ``submit`` a sequence (one text with its own beam size, token cap and attention choice); then each
+``iterate()`` drops sequences whose client went away or whose deadline passed, ``admit``s waiting ones into
+free slots (one encoder batch, bounded by a token budget), runs one decoder ``step`` over every live slot, and
+``retire``s finished sequences at once, compacting the live slots. A beam-k sequence holds k slots.
+
+A row's computation depends only on that row (the step graph has no shared padding or length), so a
+sequence's tokens are the same whatever it runs with. No torch, no Ray: tested on its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.runtime.slots import SlotBuffers, SlotStep
+
+Encode = Callable[[list[list[int]]], np.ndarray]  # source ids (EOS included) -> cross_kv (L, 2, n, nh, S, hs)
+
+
+@dataclass
+class EngineSettings:
+    max_slots: int = 64  # live rows per step (a beam-k sequence takes k)
+    max_step_tokens: int = 2048  # per iteration: one per live row plus the source tokens of admitted ones
+    admit_wait_s: float = 0.0  # hold new sequences back up to this long to encode them in one batch
+    max_encoder_batch: int = 32  # sequences encoded together at admission
+
+
+@dataclass
+class Sequence:
+    """One text being translated. Callbacks run on the engine's thread."""
+
+    src_ids: list[int]  # EOS included; [] = nothing to translate (finishes at once, empty)
+    beam_size: int = 1
+    max_new_tokens: int = 128
+    length_penalty: float = 1.0
+    align: np.ndarray | None = None  # (L, nh) weights over layers x heads of the alignment row; None = none
+    deadline: float | None = None  # time.monotonic() past which the sequence is dropped
+    on_token: Callable[[Sequence, int, np.ndarray | None], None] | None = None  # greedy only: each new token
+    on_done: Callable[[Sequence], None] | None = None
+    # engine state
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
+    cancelled: bool = False  # set from any thread; the engine drops it within one iteration
+    rows: list[int] = field(default_factory=list)
+    steps: int = 0
+    tokens: list[int] = field(default_factory=list)  # the result, without EOS
+    score: float = 0.0
+    attention: np.ndarray | None = None  # (len(tokens), S) the step rows that produced each token
+    dropped: str | None = None  # "disconnect" | "deadline" | "shutdown"
+    _greedy_rows: list[np.ndarray] = field(default_factory=list)
+    _beam: _Beams | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+
+@dataclass
+class _Beams:
+    seqs: np.ndarray  # (k, t) token ids
+    scores: np.ndarray  # (k,)
+    hist: np.ndarray  # (k, t, S) alignment rows (S = 0 when none were asked)
+    finished: list[tuple[float, list[int], np.ndarray]] = field(default_factory=list)
+
+
+@dataclass
+class IterationStats:
+    rows: int = 0  # live rows in the step (0: no step ran)
+    sequences: int = 0
+    step_seconds: float = 0.0
+    admitted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)
+    dropped: list[Sequence] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, buffers: SlotBuffers, step: SlotStep, encode: Encode, *, bos: int, eos: int, vocab: int,
+                 settings: EngineSettings | None = None) -> None:
+        self.b, self.step_graph, self.encode = buffers, step, encode
+        self.bos, self.eos, self.vocab = bos, eos, vocab
+        self.settings = settings or EngineSettings()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.owner: list[Sequence | None] = [None] * buffers.rows
+        self.live = 0  # rows [0, live) are in use
+        self.lock = threading.Lock()  # guards `waiting` (submit may come from another thread)
+
+    # -- verbs -------------------------------------------------------------------------------------------
+    def submit(self, seq: Sequence) -> Sequence:
+        if not 1 <= seq.beam_size <= self.b.rows:
+            raise ValueError(f"beam_size {seq.beam_size} does not fit in {self.b.rows} slots")
+        if seq.max_new_tokens > self.b.max_positions:
+            raise ValueError(f"max_new_tokens {seq.max_new_tokens} over the model's {self.b.max_positions}")
+        with self.lock:
+            self.waiting.append(seq)
+        return seq
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+    def iterate(self) -> IterationStats:
+        stats = IterationStats()
+        self._drop_cancelled(stats)
+        self._admit(stats)
+        if self.live:
+            self._step(stats)
+        return stats
+
+    def shutdown(self, reason: str = "shutdown") -> list[Sequence]:
+        """Drop everything (the replica is going away); returns the dropped sequences."""
+        with self.lock:
+            pending, self.waiting = list(self.waiting), deque()
+        out = [*pending, *self.running]
+        for seq in pending:
+            self._finish(seq, dropped=reason)
+        for seq in list(self.running):
+            self._release(seq)
+            self._finish(seq, dropped=reason)
+        self._compact()
+        return out
+
+    # -- internals -------------------------------------------------------------------------------------------
+    def _drop_cancelled(self, stats: IterationStats) -> None:
+        now = time.monotonic()
+
+        def reason(s: Sequence) -> str | None:
+            if s.cancelled:
+                return "disconnect"
+            return "deadline" if s.deadline is not None and now > s.deadline else None
+
+        with self.lock:
+            gone = [(s, r) for s in self.waiting if (r := reason(s))]
+            for s, _ in gone:
+                self.waiting.remove(s)
+        running = [(s, r) for s in self.running if (r := reason(s))]
+        for s, r in gone + running:
+            self._release(s)
+            self._finish(s, dropped=r)
+            stats.dropped.append(s)
+        if running:
+            self._compact()
+
+    def _admit(self, stats: IterationStats) -> None:
+        st = self.settings
+        with self.lock:
+            if not self.waiting:
+                return
+            oldest = time.monotonic() - self.waiting[0].submitted
+            if self.live and oldest < st.admit_wait_s and len(self.waiting) < st.max_encoder_batch:
+                return  # hold back a little to encode a fuller batch
+            budget = st.max_step_tokens - self.live
+            free = min(st.max_slots, self.b.rows) - self.live
+            batch: list[Sequence] = []
+            while self.waiting and len(batch) < st.max_encoder_batch:
+                seq = self.waiting[0]
+                cost = len(seq.src_ids) + seq.beam_size
+                if seq.beam_size > free or (cost > budget and (batch or self.live)):
+                    break  # FIFO: later sequences wait too, so a big one is never starved
+                self.waiting.popleft()
+                batch.append(seq)
+                budget, free = budget - cost, free - seq.beam_size
+        now = time.monotonic()
+        for seq in batch:
+            seq.admitted = now
+        stats.admitted = batch
+        empty = [s for s in batch if not s.src_ids]
+        for seq in empty:  # nothing to translate: done, without a slot
+            self._finish(seq)
+            stats.finished.append(seq)
+        batch = [s for s in batch if s.src_ids]
+        if not batch:
+            return
+        self.b.fit(self.live, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
+        cross = self.encode([s.src_ids for s in batch])  # (L, 2, n, nh, S, hs)
+        for i, seq in enumerate(batch):
+            k = seq.beam_size
+            seq.rows = list(range(self.live, self.live + k))
+            self.live += k
+            for r in seq.rows:
+                self.owner[r] = seq
+                self.b.write_source(r, cross[:, :, i], len(seq.src_ids))
+            rows = np.array(seq.rows)
+            self.b.tokens[rows], self.b.positions[rows] = self.bos, 0
+            self.b.align_weights[rows] = 0.0 if seq.align is None else seq.align
+            if k > 1:
+                scores = np.full(k, -np.inf)
+                scores[0] = 0.0  # all beams start as the same BOS: expand one
+                width = len(seq.src_ids) if seq.align is not None else 0
+                seq._beam = _Beams(np.zeros((k, 0), np.int64), scores, np.zeros((k, 0, width), np.float32))
+            self.running.append(seq)
+
+    def _positions_needed(self) -> int:
+        return int(self.b.positions[: self.live].max()) + 1 if self.live else 1
+
+    def _step(self, stats: IterationStats) -> None:
+        n = self.live
+        self.b.fit(n, self._positions_needed(), max(len(s.src_ids) for s in self.running))
+        t0 = time.monotonic()
+        out = self.step_graph.run(n)
+        stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
+        now = time.monotonic()
+        for seq in list(self.running):
+            done = self._advance_greedy(seq, out, now) if seq._beam is None else self._advance_beam(seq, out)
+            seq.steps += 1
+            if done:
+                self._release(seq)
+                self._finish(seq)
+                stats.finished.append(seq)
+        self._compact()
+
+    def _advance_greedy(self, seq: Sequence, out, now: float) -> bool:
+        r = seq.rows[0]
+        tok = int(out.ids[r, 0])
+        seq.score += float(out.logprobs[r, 0])
+        row = out.alignment[r, : len(seq.src_ids)].copy() if seq.align is not None else None
+        if seq.first_token is None:
+            seq.first_token = now
+        if tok == self.eos:
+            return True
+        seq.tokens.append(tok)
+        if row is not None:
+            seq._greedy_rows.append(row)
+        if seq.on_token is not None:
+            seq.on_token(seq, tok, row)
+        if len(seq.tokens) >= seq.max_new_tokens:
+            return True
+        self.b.tokens[r], self.b.positions[r] = tok, self.b.positions[r] + 1
+        return False
+
+    def _advance_beam(self, seq: Sequence, out) -> bool:
+        bm, k, t = seq._beam, seq.beam_size, seq.steps
+        rows = np.array(seq.rows)
+        width = 2 * k
+        cand = (bm.scores[:, None] + out.logprobs[rows, :width].astype(np.float64)).reshape(-1)
+        flat = (np.arange(k)[:, None] * self.vocab + out.ids[rows, :width]).reshape(-1)
+        order = np.lexsort((flat, -cand))  # best first; ties: lowest (beam, token), as the host search
+        attn = out.alignment[rows, : len(seq.src_ids)] if seq.align is not None else None
+        last = t == seq.max_new_tokens - 1
+        src_beam, new_tok, new_score = np.zeros(k, np.int64), np.full(k, self.eos), np.full(k, -np.inf)
+        filled = 0
+        if seq.first_token is None:
+            seq.first_token = time.monotonic()
+        for rank, j in enumerate(order):
+            c = cand[j]
+            if not np.isfinite(c):
+                break
+            beam, tok = divmod(int(flat[j]), self.vocab)
+            if tok == self.eos:
+                if rank < k:
+                    a = self._hist_row(bm, beam, attn)
+                    bm.finished.append((c / (t + 1) ** seq.length_penalty, bm.seqs[beam].tolist(), a))
+                continue
+            src_beam[filled], new_tok[filled], new_score[filled] = beam, tok, c
+            filled += 1
+            if filled == k:
+                break
+        if last:  # out of steps: live beams count as finished
+            for j in range(filled):
+                a = self._hist_row(bm, src_beam[j], attn)
+                toks = [*bm.seqs[src_beam[j]].tolist(), int(new_tok[j])]
+                bm.finished.append((new_score[j] / (t + 1) ** seq.length_penalty, toks, a))
+        if last or filled == 0 or len(bm.finished) >= k:
+            score, toks, a = max(bm.finished, key=lambda f: f[0])  # max keeps the first of equal scores
+            seq.tokens, seq.score = toks, float(score)
+            seq.attention = a[: len(toks)] if seq.align is not None else None
+            return True
+        # Beams that were not refilled (filled < k) keep -inf scores and never expand.
+        self.b.copy_cache(rows, rows[src_beam], t + 1)
+        bm.seqs = np.concatenate([bm.seqs[src_beam], new_tok[:, None]], axis=1)
+        if attn is not None:
+            bm.hist = np.concatenate([bm.hist[src_beam], attn[src_beam][:, None]], axis=1)
+        bm.scores = new_score
+        self.b.tokens[rows], self.b.positions[rows] = new_tok, t + 1
+        return False
+
+    @staticmethod
+    def _hist_row(bm: _Beams, beam: int, attn: np.ndarray | None) -> np.ndarray:
+        if attn is None:
+            return bm.hist[beam]
+        return np.concatenate([bm.hist[beam], attn[beam : beam + 1]])
+
+    def _finish(self, seq: Sequence, dropped: str | None = None) -> None:
+        seq.dropped = dropped
+        seq.finished_at = time.monotonic()
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq._beam is None and seq.align is not None:
+            width = len(seq.src_ids)
+            seq.attention = np.stack(seq._greedy_rows) if seq._greedy_rows else np.zeros((0, width), np.float32)
+        if seq.on_done is not None:
+            seq.on_done(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        for r in seq.rows:
+            self.owner[r] = None
+        seq.rows = []
+
+    def _compact(self) -> None:
+        """Move live rows from the tail into freed rows so that rows [0, live) are exactly the live ones."""
+        n = sum(len(s.rows) for s in self.running)
+        holes = [r for r in range(n) if self.owner[r] is None]
+        tail = [r for r in range(n, self.live) if self.owner[r] is not None]
+        assert len(holes) == len(tail), (holes, tail)
+        if holes:
+            self.b.move(np.array(holes), np.array(tail), self._positions_needed())
+            for dst, src in zip(holes, tail, strict=True):
+                seq = self.owner[src]
+                seq.rows[seq.rows.index(src)] = dst
+                self.owner[dst], self.owner[src] = seq, None
+        self.live = n
