@@ -21,7 +21,8 @@ from service.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, Models
 # The Serve application names of the model apps, as in deploy/serve_config.yaml.
 MODEL_APPS = {"translator": translate, "classifier": classify}
 PROBE_TIMEOUT_S = 2.0
-route = RouteSettings("/", paths=frozenset({"/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}))
+route = RouteSettings("/", paths=frozenset({"/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}),
+                      media_types=())  # GET only: a POST is a 405 from the router
 api = make_api("attnserve", route)  # /docs and /openapi.json are explicit routes below
 api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
 

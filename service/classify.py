@@ -3,16 +3,17 @@
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from ray import serve
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.errors import LimitExceeded
+from service.errors import InvalidRequest, LimitExceeded
 from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.preprocess import decode_base64, to_model_input
 from service.replica import ModelReplica
@@ -21,30 +22,52 @@ from service.schemas import ClassifierAttention, ClassifyRequest, ClassifyRespon
 
 ROUTE = "/v1/classify"
 OFFLOAD_BYTES = 64_000  # images bigger than this are decoded in a thread, not on the event loop
-route = RouteSettings(ROUTE)
+MAX_FORM_FIELDS = 16  # the form has two fields; a few spare so an unknown one gets a clear 422 naming it
+MAX_FIELD_BYTES = 1024
+route = RouteSettings(ROUTE, media_types=("application/json", "multipart/form-data"))
 api = make_api("attnserve classifier", route)
+
+
+def _form_bool(value: object) -> object:
+    # A form field is text: a boolean is spelled true or false (any case, as Python's requests sends True).
+    # Other spellings (0, 1, yes, on) are refused, as the schema's "boolean" says.
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _form_int(value: object) -> object:
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    raise ValueError(f"must be a whole number in decimal digits, got {value!r}")
 
 
 class ClassifyForm(BaseModel):
     """The non-file fields of a multipart upload (the files go in repeated `images` parts)."""
 
     model_config = ConfigDict(extra="forbid")
-    top_k: int = Field(3, ge=1, le=10)
-    return_attention: bool = False
+    top_k: Annotated[int, BeforeValidator(_form_int)] = Field(3, ge=1, le=10)
+    return_attention: Annotated[bool, BeforeValidator(_form_bool)] = False
 
 
 MULTIPART_SCHEMA = {
     "type": "object", "required": ["images"],
     "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 64},
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 64,
+                   "description": "PNG or JPEG files, one part each."},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
-        "return_attention": {"type": "boolean", "default": False},
+        "return_attention": {"type": "boolean", "default": False, "description": "`true` or `false` (any case)."},
     },
+    # Every file part is an image, whatever its name (`images` documented, `files` common); no other text fields.
+    "additionalProperties": {"type": "string", "format": "binary"},
 }
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": ClassifyRequest.model_json_schema()},
     "multipart/form-data": {"schema": MULTIPART_SCHEMA},
 }}}
+RESPONSES = {**ERROR_RESPONSES, 400: {**ERROR_RESPONSES[422], "description": (
+    "an image is not base64, not a PNG or JPEG, or cannot be decoded (`bad_image`), or has more pixels than "
+    "the limit (`image_too_large`)")}}
 
 
 @dataclass
@@ -78,10 +101,10 @@ class Classifier(ModelReplica):
         return {"name": self.rt.name, "version": self.rt.version, "task": "image-classification", "route": ROUTE,
                 "labels": self.rt.labels, "precision": self.rt.precision, "device": self.rt.device}
 
-    @api.post("/", response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=OPENAPI_BODY,
+    @api.post("/", response_model=ClassifyResponse, responses=RESPONSES, openapi_extra=OPENAPI_BODY,
               summary="Classify images (JSON base64 or multipart upload)")
     async def classify(self, request: Request) -> ClassifyResponse:
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raws, top_k, attn = await self.read_multipart(request)
         else:
             try:
@@ -98,19 +121,40 @@ class Classifier(ModelReplica):
                                 predictions=[self.encode(out, i, top_k) for i in range(len(images))])
 
     async def read_multipart(self, request: Request) -> tuple[list[bytes], int, bool]:
-        form = await request.form(max_files=self.limits.max_images + 1, max_fields=16)
-        # Every file part is an image, in order, whatever its field name (`images` documented, `files` common).
-        files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not files:
-            raise RequestValidationError([{"type": "missing", "loc": ("body", "images"),
-                                           "msg": "at least one image file part (e.g. -F images=@shirt.png)"}])
-        self.check_count(len(files))
-        fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+        form = await self.parse_multipart(request)
         try:
-            opts = ClassifyForm.model_validate(fields)
-        except ValidationError as e:
-            raise validation_error(e) from None
-        return [await f.read() for f in files], opts.top_k, opts.return_attention
+            # Every file part is an image, in order, whatever its field name (`images` documented, `files` common).
+            files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+            if not files:
+                raise RequestValidationError([{"type": "missing", "loc": ("body", "images"),
+                                               "msg": "at least one image file part (e.g. -F images=@shirt.png)"}])
+            self.check_count(len(files))
+            fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
+            try:
+                opts = ClassifyForm.model_validate(fields)
+            except ValidationError as e:
+                raise validation_error(e) from None
+            return [await f.read() for f in files], opts.top_k, opts.return_attention
+        finally:
+            await form.close()
+
+    async def parse_multipart(self, request: Request) -> FormData:
+        # Starlette's parser directly, not request.form(): that turns every parse error into a bare 400.
+        n = self.limits.max_images
+        parser = MultiPartParser(request.headers, request.stream(), max_files=n, max_fields=MAX_FORM_FIELDS,
+                                 max_part_size=MAX_FIELD_BYTES)
+        try:
+            return await parser.parse()
+        except MultiPartException as e:
+            if e.message.startswith("Too many files"):
+                raise LimitExceeded(f"more than {n} image file parts, the limit is {n}", field="images") from None
+            if e.message.startswith("Too many fields"):
+                raise LimitExceeded(f"more than {MAX_FORM_FIELDS} text fields; the form's fields are top_k and "
+                                    "return_attention", field="body") from None
+            if e.message.startswith("Part exceeded"):
+                raise LimitExceeded(f"a text field is over {MAX_FIELD_BYTES} bytes; the form's fields are top_k "
+                                    "and return_attention", field="body") from None
+            raise InvalidRequest(f"malformed multipart/form-data body: {e.message}", field="body") from None
 
     def check_count(self, n: int) -> None:
         if n > self.limits.max_images:

@@ -59,6 +59,16 @@ class BodyTooLarge(ServiceError):
     status, code = 413, "body_too_large"
 
 
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class ClientDisconnected(ServiceError):
+    """Never sent (nobody is listening): the status and code a request is counted with when its client left."""
+
+    status, code = 499, "client_disconnected"
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 
@@ -96,10 +106,18 @@ def describe(exc: BaseException) -> tuple[int, str, str, str | None, dict[str, s
         return exc.status, exc.code, exc.message, exc.field, exc.headers
     if isinstance(exc, RequestValidationError):
         errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+        if errors[0].get("type") == "json_invalid":  # FastAPI puts a character offset in `loc`: say it in words
+            reason = (errors[0].get("ctx") or {}).get("error") or errors[0]["msg"]
+            return 422, "invalid_request", f"the body is not valid JSON: {reason}", "body", {}
         msg = "; ".join(f"{field_path(e['loc'])}: {e['msg']}" for e in errors[:5])
         return 422, "invalid_request", msg, field_path(errors[0]["loc"]), {}
+    if isinstance(exc, StarletteHTTPException) and exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's "There was an error parsing the body" (e.g. JSON nested deeper than the parser's recursion
+        # limit): invalid JSON like any other, so the same 422.
+        return 422, "invalid_request", f"the body is not valid JSON: {exc.__cause__}", "body", {}
     if isinstance(exc, StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: BodyTooLarge.code,
+                415: UnsupportedMediaType.code}.get(exc.status_code, "http_error")
         return exc.status_code, code, str(exc.detail), None, dict(exc.headers or {})
     log.error("unhandled error", exc_info=exc)
     return 500, "internal_error", "internal error; see the service logs", None, {}

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import email.message
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -11,18 +12,49 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 
-from service.errors import DeadlineExceeded, InvalidRequest, Overloaded, error_body, install_handlers
+from service.errors import (
+    BodyTooLarge,
+    ClientDisconnected,
+    DeadlineExceeded,
+    InvalidRequest,
+    Overloaded,
+    UnsupportedMediaType,
+    install_handlers,
+    to_response,
+)
 from service.metrics import metrics
 
 T = TypeVar("T")
 TIMEOUT_HEADER = "x-timeout-ms"  # a client may shorten (never extend) the route's deadline
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"description": desc, "model": None, "content": {"application/json": {"schema": {
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def _error(desc: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": desc, "model": None, "content": {"application/json": {"schema": {
         "$ref": "#/components/schemas/ErrorResponse"}}}}
-    for code, desc in [(400, "undecodable or too many pixels"), (413, "body over the cap"),
-                       (422, "schema violation or limit"), (503, "queue full (Retry-After)"),
-                       (504, "past the deadline")]
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+# Every status a model route can answer besides 200 (route-specific ones, like the classifier's 400, are added by
+# the route). 499 (`client_disconnected`) is only counted in the metrics: the client is gone, nothing is sent.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: _error("body over the cap (`body_too_large`)"),
+    415: _error("Content-Type not accepted by this route (`unsupported_media_type`)"),
+    422: _error("schema violation, invalid JSON or UTF-8, bad X-Timeout-Ms (`invalid_request`) or a limit from "
+                "GET /v1/models (`limit_exceeded`)"),
+    500: _error("a bug in the service (`internal_error`); bad input never causes one"),
+    503: _error("queue full (`overloaded`)", {"Retry-After": {
+        "description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}),
+    504: _error("no result within the deadline (`deadline_exceeded`)"),
+}
+DEADLINE_PARAMETER: dict[str, Any] = {
+    "name": "X-Timeout-Ms", "in": "header", "required": False,
+    "description": "Shortens (never extends) the route's deadline: a positive, finite number of milliseconds. "
+                   "Past the deadline the answer is a 504.",
+    "schema": {"type": "number", "exclusiveMinimum": 0},
 }
 
 
@@ -38,7 +70,32 @@ def make_api(title: str, settings: RouteSettings, *, docs: bool = False) -> Fast
 
     install_handlers(app, on_error)
     app.add_middleware(Observed, settings=settings)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_contract(FastAPI.openapi(app), settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+def document_contract(doc: dict[str, Any], settings: RouteSettings) -> dict[str, Any]:
+    """Add what `Observed` and `Gate` enforce for every operation with a request body to its OpenAPI entry.
+
+    Every such route runs its work through a `Gate` (so honours X-Timeout-Ms) and `Observed` checks its media
+    type against `settings.media_types`: the document and the check must name the same types.
+    """
+    for path, ops in doc.get("paths", {}).items():
+        for method, op in ops.items():
+            if "requestBody" not in op:
+                continue
+            declared = set(op["requestBody"].get("content", {}))
+            assert declared == set(settings.media_types), (path, method, declared, settings.media_types)
+            params = op.setdefault("parameters", [])
+            if all(p.get("name") != DEADLINE_PARAMETER["name"] for p in params):
+                params.append(DEADLINE_PARAMETER)
+    return doc
 
 
 @dataclass
@@ -49,6 +106,8 @@ class RouteSettings:
     model: str = "unknown"
     max_body_bytes: int = 16_000_000
     paths: frozenset[str] = frozenset()  # if set, the route tag is the request path when listed, else "other"
+    # Content-Types accepted for request bodies (else 415); () = the app takes no bodies (405 from the router).
+    media_types: tuple[str, ...] = ("application/json",)
 
     def tag(self, path: str) -> str:
         if not self.paths:
@@ -57,10 +116,13 @@ class RouteSettings:
 
 
 class Observed:
-    """Pure ASGI middleware: caps the body (413 before the app parses a byte) and records request metrics.
+    """Pure ASGI middleware: body checks before the app parses a byte, and request metrics.
 
-    The whole body is buffered (Serve's proxy has read it already), so the cap also holds for chunked
-    uploads without Content-Length.
+    The whole body is buffered (Serve's proxy has read it already), so the size cap also holds for chunked
+    uploads without Content-Length. A body must have a media type the route accepts (415), and a JSON body
+    must be UTF-8 (422). Every request is counted once with the status the client got: 499
+    `client_disconnected` when the client left first (Serve cancels the request), and `internal_error` for an
+    exception no handler mapped (answered here, so it is counted like every other error).
     """
 
     def __init__(self, app: Callable, *, settings: RouteSettings) -> None:
@@ -74,44 +136,71 @@ class Observed:
             # Serve mounts this app at its route prefix: POST /v1/translate is the app's "/" route, not a
             # redirect to /v1/translate/.
             scope["path"] = root + "/"
-        t0, state = time.perf_counter(), {"status": 500, "code": None}
+        t0, state = time.perf_counter(), {"status": 500, "code": None, "started": False}
         scope["attnserve"] = state
 
         async def send_observed(message: dict) -> None:
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
+                state["status"], state["started"] = message["status"], True
             await send(message)
 
         try:
             body = await self._read_body(scope, receive)
-            if body is None:
-                state["code"] = "body_too_large"
-                await _send_json(send_observed, 413, error_body(
-                    "body_too_large", f"request body is over the limit of {self.settings.max_body_bytes} bytes"))
-                return
+            self._check_body(scope, body)
             await self.app(scope, _replay(body), send_observed)
+        except (ClientDisconnected, asyncio.CancelledError) as e:
+            state["status"], state["code"] = ClientDisconnected.status, ClientDisconnected.code
+            if isinstance(e, asyncio.CancelledError):
+                raise
+        except Exception as e:  # our own checks above, or an exception no handler inside the app mapped
+            if state["started"]:  # too late for an error response: count it and let the server close the stream
+                state["code"] = "internal_error"
+                raise
+            response, state["code"] = to_response(e)
+            await response(scope, receive, send_observed)
         finally:
             self._record(state, self.settings.tag(scope["path"]), time.perf_counter() - t0)
 
-    async def _read_body(self, scope: dict, receive: Callable) -> bytes | None:
+    async def _read_body(self, scope: dict, receive: Callable) -> bytes:
         cap = self.settings.max_body_bytes
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        too_large = BodyTooLarge(f"request body is over the limit of {cap} bytes")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > cap:
-            return None
+            raise too_large
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise ClientDisconnected("the client disconnected before sending the whole body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > cap:
-                return None
+                raise too_large
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+    def _check_body(self, scope: dict, body: bytes) -> None:
+        accepted = self.settings.media_types
+        if not accepted or scope["method"] not in BODY_METHODS:
+            return
+        raw = next((v.decode("latin-1") for k, v in scope.get("headers") or [] if k == b"content-type"), None)
+        header = email.message.Message()
+        header["content-type"] = raw or ""
+        media = header.get_content_type() if raw and "/" in raw else None
+        if media not in accepted:
+            got = f"Content-Type {raw!r}" if raw else "no Content-Type header"
+            raise UnsupportedMediaType(f"{got}: this route accepts {' or '.join(accepted)}")
+        if media == "application/json":
+            charset = header.get_param("charset")
+            if isinstance(charset, str) and charset.lower() not in ("utf-8", "utf8"):
+                raise UnsupportedMediaType(f"charset {charset!r}: JSON bodies must be UTF-8")
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InvalidRequest(f"the body is not valid UTF-8 (bad byte at offset {e.start}): JSON must be "
+                                     "UTF-8 encoded", field="body") from None
 
     def _record(self, state: dict, route: str, seconds: float) -> None:
         m, tags = metrics(), {"model": self.settings.model, "route": route}
@@ -136,13 +225,6 @@ def _replay(body: bytes) -> Callable[[], Awaitable[dict]]:
     return receive
 
 
-async def _send_json(send: Callable, status: int, payload: dict) -> None:
-    data = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})
-
-
 class Gate:
     """Admission control and deadline for one replica.
 
@@ -163,9 +245,11 @@ class Gate:
         try:
             ms = float(raw)
         except ValueError:
-            msg = f"{TIMEOUT_HEADER} must be a number of milliseconds, got {raw!r}"
-            raise InvalidRequest(msg, field=TIMEOUT_HEADER) from None
-        return max(0.0, min(self.timeout_s, ms / 1000))
+            ms = math.nan
+        if not (math.isfinite(ms) and ms > 0):
+            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive, finite number of milliseconds (at most "
+                                 f"{self.timeout_s * 1000:g} is used), got {raw!r}", field=TIMEOUT_HEADER)
+        return min(self.timeout_s, ms / 1000)
 
     async def run(self, work: Awaitable[T], timeout_s: float) -> T:
         if self.pending >= self.max_pending:

@@ -6,18 +6,42 @@ bytes and pixels per image, body size) are checked by the app from `Limits` and 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 
 class _Strict(BaseModel):
     # Unknown fields are an error, not silently ignored: a typo like "beam" must not fall back to a default.
-    model_config = ConfigDict(extra="forbid")
+    # No coercion either ("4" or 4.0 for an integer, 0 or "yes" for a boolean): the wire format is exactly
+    # what the OpenAPI document says.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _encodable(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); it is no character, and the tokenizer cannot take it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}: texts must be valid "
+                         "Unicode (encodable as UTF-8; surrogates only as pairs, e.g. \\ud83d\\ude00)") from None
+    return text
+
+
+Utf8Text = Annotated[str, AfterValidator(_encodable)]
+Base64Image = Annotated[
+    str,
+    StringConstraints(min_length=1),
+    WithJsonSchema({"type": "string", "minLength": 1, "contentEncoding": "base64",
+                    "description": "Base64 of a PNG or JPEG file; a data: URL prefix and whitespace are allowed. "
+                                   "Not base64, or not an image: 400 bad_image."}),
+]
+# A 2x2 black PNG: the smallest request that classifies (Swagger's "Try it out" and the fuzzer's first example).
+EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAAAAABX3VL4AAAAC0lEQVR4nGNgQAYAAA4AAamRc7EAAAAASUVORK5CYII="
 
 
 class TranslateRequest(_Strict):
-    texts: list[str] = Field(min_length=1, max_length=64, description="English sentences to translate.")
+    texts: list[Utf8Text] = Field(min_length=1, max_length=64, description="English sentences to translate.")
     beam_size: int = Field(1, ge=1, le=8, description="1 = greedy decoding.")
     max_new_tokens: int = Field(128, ge=1, le=256, description="Cap on generated target tokens per text.")
     return_attention: bool = Field(False, description="Also return cross-attention (runs the slower attention graphs).")
@@ -43,7 +67,9 @@ class TranslateResponse(BaseModel):
 
 
 class ClassifyRequest(_Strict):
-    images: list[str] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG (data: URLs accepted).")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "top_k": 3}]})
+
+    images: list[Base64Image] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG images.")
     top_k: int = Field(3, ge=1, le=10)
     return_attention: bool = Field(False, description="Also return the 7x7 attention rollout of CLS onto patches.")
 

@@ -1,0 +1,107 @@
+"""Fast unit tests of the HTTP plumbing (service/http.py): how `Observed` counts every outcome, and what the
+OpenAPI document promises. No Ray cluster: the middleware runs around small FastAPI apps made by `make_api`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from fastapi import Request
+
+from service.api import merged_openapi
+from service.http import Observed, RouteSettings, make_api
+
+
+@pytest.fixture
+def recorded(monkeypatch) -> list[tuple[int, str | None]]:
+    """(status, code) of every request `Observed` counts, as it hands them to the metrics."""
+    out: list[tuple[int, str | None]] = []
+    monkeypatch.setattr(Observed, "_record", lambda self, state, route, seconds: out.append(
+        (int(state["status"]), state["code"])))
+    return out
+
+
+def app_for_tests():
+    app = make_api("test", RouteSettings("/t"))
+    started = asyncio.Event()
+
+    @app.post("/boom")
+    async def boom(request: Request) -> dict:
+        raise RuntimeError("a bug")
+
+    @app.post("/slow")
+    async def slow(request: Request) -> dict:
+        started.set()
+        await asyncio.sleep(60)
+        return {}
+
+    return app, started
+
+
+async def call(app, path: str, body: bytes = b"{}", ctype: bytes = b"application/json") -> list[dict]:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "server": ("t", 80),
+             "client": ("c", 1), "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]}
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+def test_unhandled_exception_is_answered_and_counted_as_internal_error(recorded):
+    app, _ = app_for_tests()
+    sent = asyncio.run(call(app, "/boom"))
+    assert sent[0]["status"] == 500
+    assert json.loads(sent[1]["body"])["error"]["code"] == "internal_error"
+    assert recorded == [(500, "internal_error")]
+
+
+def test_client_disconnect_is_counted_as_499_never_500(recorded):
+    app, started = app_for_tests()
+
+    async def go() -> None:
+        task = asyncio.create_task(call(app, "/slow"))
+        await asyncio.wait_for(started.wait(), 10)
+        task.cancel()  # what Serve does to the replica's request when the client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert recorded == [(499, "client_disconnected")]
+
+
+def test_body_checks_are_counted_with_their_codes(recorded):
+    app, _ = app_for_tests()
+    assert asyncio.run(call(app, "/boom", b"hi", b"text/plain"))[0]["status"] == 415
+    assert asyncio.run(call(app, "/boom", b'{"a": "\xff"}'))[0]["status"] == 422
+    assert recorded == [(415, "unsupported_media_type"), (422, "invalid_request")]
+
+
+def test_openapi_documents_every_status_and_the_deadline_header():
+    doc = merged_openapi()
+    posts = {path: ops["post"] for path, ops in doc["paths"].items() if "post" in ops}
+    assert set(posts) == {"/v1/translate", "/v1/classify"}
+    for path, op in posts.items():
+        assert {"413", "415", "422", "500", "503", "504"} <= set(op["responses"]), path
+        assert "Retry-After" in op["responses"]["503"]["headers"]
+        header = next(p for p in op["parameters"] if p["name"] == "X-Timeout-Ms")
+        assert header["in"] == "header" and header["schema"]["exclusiveMinimum"] == 0
+    assert "400" in posts["/v1/classify"]["responses"]
+    content = posts["/v1/classify"]["requestBody"]["content"]
+    items = content["application/json"]["schema"]["properties"]["images"]["items"]
+    assert items["minLength"] == 1  # "" is a schema violation (422), documented as such
+    assert content["multipart/form-data"]["schema"]["properties"]["return_attention"]["type"] == "boolean"
+    for path in ("/readyz", "/v1/models"):
+        assert "503" in doc["paths"][path]["get"]["responses"]
