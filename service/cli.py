@@ -18,8 +18,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "vit"): ("export.evaluate:vit_main", "accuracy of the ViT on an .npz file"),
     ("export",): ("export.cli:main", "checkpoints -> verified ONNX artifacts"),
     ("serve",): ("service.serve:main", "start Ray and the Serve app, print URLs"),
-    ("bench", "runtime"): ("export.bench_runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
-    ("bench", "http"): ("service.bench_http:main", "the HTTP service vs a single-process baseline"),
+    # Benchmarks: programs that print tables, in bench/ (not part of the serving image).
+    ("bench", "runtime"): ("bench.runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
+    ("bench", "http"): ("bench.http:main", "the HTTP service vs a single-process baseline"),
 }
 
 

@@ -73,7 +73,7 @@ def run_worker(backend: str, spec_path: Path, threads: int) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0 = time.time()
     out = subprocess.run(
-        [sys.executable, "-m", "export.bench_workers", backend, str(spec_path)],
+        [sys.executable, "-m", "bench.runtime_workers", backend, str(spec_path)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         vit_dir = find_artifact(args.artifacts, "vit-fashion")
         tr_dir = find_artifact(args.artifacts, "translator-en-es")
         vit_ck, tr_ck = snapshot(vit_dir, tmp / "vit"), snapshot(tr_dir, tmp / "translator")
-        from export.ct2 import AttnserveConverter
+        from bench.ct2 import AttnserveConverter
 
         AttnserveConverter(tr_ck).convert(str(tmp / "ct2"))
         images, texts = workload(tmp, args.sentences)

@@ -2,7 +2,7 @@
 
 No Ray, no batching, no metrics: one uvicorn process, plain `def` routes (FastAPI runs them in its thread
 pool), the same runtime, preprocessing and response schemas as attnserve. Started by `attnserve bench http`:
-    ATTNSERVE_ARTIFACTS=artifacts uvicorn service.baseline_server:app --port 8100
+    ATTNSERVE_ARTIFACTS=artifacts uvicorn bench.baseline_server:app --port 8100
 """
 
 import base64

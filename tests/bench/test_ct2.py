@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
-from export.ct2 import AttnserveConverter, source_tokens  # noqa: E402
+from bench.ct2 import AttnserveConverter, source_tokens  # noqa: E402
 from models.checkpoint import load_checkpoint  # noqa: E402
 from models.translator import BOS, EOS  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from export.bench_runtime import BEGIN, END, table, write_notes
+from bench.runtime import BEGIN, END, table, write_notes
 
 
 def test_write_notes_replaces_only_the_runtime_section(tmp_path):

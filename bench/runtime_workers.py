@@ -1,4 +1,4 @@
-"""Benchmark workers, one backend per process (``python -m export.bench_workers BACKEND SPEC.json``).
+"""Benchmark workers, one backend per process (``python -m bench.runtime_workers BACKEND SPEC.json``).
 
 Each process loads only its own library: torch and ONNX Runtime/CTranslate2 sharing a process were measured
 to slow each other several times (thread contention). Prints one JSON list of result rows.
@@ -172,7 +172,7 @@ def ct2_rows(spec: dict) -> list[dict]:
     import ctranslate2
     from tokenizers import Tokenizer
 
-    from export.ct2 import source_tokens
+    from bench.ct2 import source_tokens
 
     _, texts = load_workload(spec)
     tok = Tokenizer.from_file(str(Path(spec["translator_checkpoint"]) / "tokenizer.json"))

@@ -132,7 +132,7 @@ def start_baseline(port: int, artifacts: str | None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if artifacts:
         env["ATTNSERVE_ARTIFACTS"] = artifacts
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "service.baseline_server:app", "--host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.baseline_server:app", "--host", "127.0.0.1",
                              "--port", str(port), "--log-level", "warning"], cwd=REPO_ROOT, env=env)
     for _ in range(120):
         try:
