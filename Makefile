@@ -50,6 +50,6 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 serve: $(VENV)/.serve-installed
 	$(BIN)/attnserve serve $(SERVE_ARGS)
 
-# Against a running `make serve` (another terminal): the HTTP table of docs/BENCHMARKS.md.
+# Against a running `make serve` (another terminal): the HTTP table of docs/BENCHMARKS.md (bench/http.py).
 bench-http: $(VENV)/.serve-installed
 	$(BIN)/attnserve bench http $(BENCH_ARGS)
