@@ -71,3 +71,14 @@ class BatchSettings(_Strict):
     max_batch_size: int = Field(16, ge=1, le=256, description="requests merged by @serve.batch")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="wait for a fuller batch at most this long")
     max_batch_items: int = Field(64, ge=1, le=1024, description="texts/images per model call; bigger batches are split")
+
+
+class EngineConfig(_Strict):
+    """The translator deployment's `user_config`: the decode engine's knobs, applied live by `reconfigure()`."""
+
+    max_slots: int = Field(64, ge=8, le=1024, description="live decoder rows per step (a beam-k text takes k)")
+    max_step_tokens: int = Field(2048, ge=64, le=65536,
+                                 description="per iteration: live rows plus source tokens of texts admitted")
+    admit_wait_s: float = Field(0.0, ge=0, le=1, description="hold new texts back this long to encode a fuller batch")
+    max_encoder_batch: int = Field(32, ge=1, le=256, description="texts encoded together at admission")
+

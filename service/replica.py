@@ -12,7 +12,8 @@ from service.runtime import find_artifact
 
 
 class ModelReplica:
-    """Mixed into a `@serve.deployment` class that defines a `@serve.batch` method named ``run_batch``."""
+    """Mixed into a `@serve.deployment` class. The default ``reconfigure`` drives a `@serve.batch` method named
+    ``run_batch`` (the classifier); the translator overrides it for its engine."""
 
     def open(self, args: dict[str, Any], component: str, runtime_cls: type) -> Any:
         """Load the component's artifact into ``self.rt``; return the component's config."""

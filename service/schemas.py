@@ -44,7 +44,19 @@ class TranslateRequest(_Strict):
     texts: list[Utf8Text] = Field(min_length=1, max_length=64, description="English sentences to translate.")
     beam_size: int = Field(1, ge=1, le=8, description="1 = greedy decoding.")
     max_new_tokens: int = Field(128, ge=1, le=256, description="Cap on generated target tokens per text.")
-    return_attention: bool = Field(False, description="Also return cross-attention (runs the slower attention graphs).")
+    return_attention: bool = Field(False, description="Also return the alignment (decoder cross-attention).")
+    stream: bool = Field(False, description="Answer with Server-Sent Events: a `token` event per generated token "
+                         "(greedy decoding; beam search sends only the final event), then a `done` event whose data "
+                         "is the TranslateResponse.")
+
+
+class TokenEvent(BaseModel):
+    """Data of one `token` event of a streamed translation."""
+
+    index: int = Field(description="Which text of the request.")
+    token: str = Field(description="The new target piece (`▁` marks a word start).")
+    text: str = Field(description="The translation so far.")
+    alignment: list[float] | None = Field(None, description="This token's row over the source tokens, if asked.")
 
 
 class TranslationAttention(BaseModel):

@@ -1,42 +1,45 @@
-"""The translator deployment: its own FastAPI ingress at /v1/translate, batching with @serve.batch.
+"""The translator deployment: its own FastAPI ingress at /v1/translate over a continuous-batching engine.
 
-Request path: proxy -> this replica (one hop; see docs/ARCHITECTURE.md for the measured alternatives).
-decode request -> check limits -> batch -> run (fast or attention graphs) -> encode response.
+Request path: proxy -> this replica (one hop; docs/ARCHITECTURE.md). decode request -> check limits -> one
+engine sequence per text -> the engine thread admits them into free decoder slots between steps -> each text
+resolves as soon as it finishes (or streams its tokens) -> encode response. A text whose client went away or
+whose deadline passed is dropped from its slot at the next step.
 """
 
+
 import asyncio
+import json
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from ray import serve
 
-from service.errors import LimitExceeded
+from service.config import EngineConfig
+from service.engine_loop import EngineLoop
+from service.errors import (
+    DeadlineExceeded,
+    LimitExceeded,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    error_body,
+    to_response,
+)
 from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.replica import ModelReplica
 from service.runtime import TranslationResult, TranslatorRuntime
-from service.schemas import TranslateRequest, TranslateResponse, Translation, TranslationAttention
+from service.runtime.attention import alignment
+from service.runtime.engine import EngineSettings, Sequence
+from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Translation, TranslationAttention
 
 ROUTE = "/v1/translate"
 route = RouteSettings(ROUTE)
 api = make_api("attnserve translator", route)
-
-
-@dataclass
-class Job:
-    texts: list[str]
-    beam_size: int
-    max_new_tokens: int
-    return_attention: bool
-    enqueued: float = field(default_factory=time.perf_counter)
-
-    @property
-    def key(self) -> tuple[bool, int, int]:
-        # Requests are only merged when they run the same graph with the same decoding settings, so a
-        # request's result never depends on what it was batched with.
-        return self.return_attention, self.beam_size, self.max_new_tokens
+STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`, Server-Sent Events instead.",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def encode(r: TranslationResult, with_attention: bool) -> Translation:
@@ -47,16 +50,81 @@ def encode(r: TranslationResult, with_attention: bool) -> Translation:
         layer=r.layer, heads=r.heads))
 
 
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+class Job:
+    """The texts of one request as engine sequences, with a future per text resolved from the engine thread."""
+
+    def __init__(self, rt: TranslatorRuntime, req: TranslateRequest, loop: asyncio.AbstractEventLoop,
+                 deadline: float, *, stream: asyncio.Queue | None = None) -> None:
+        self.loop, self.rt = loop, rt
+        self.futures: list[asyncio.Future] = []
+        self.made: list[tuple[Sequence, list[str], int, list[int]]] = []
+        for i, text in enumerate(req.texts):
+            seq, pieces, layer, heads = rt.sequence(text, beam_size=req.beam_size, max_new_tokens=req.max_new_tokens,
+                                                    return_attention=req.return_attention)
+            seq.deadline = deadline
+            fut = loop.create_future()
+            seq.on_done = self._resolver(fut)
+            if stream is not None:
+                seq.on_token = self._streamer(stream, i, len(pieces))
+            self.futures.append(fut)
+            self.made.append((seq, pieces, layer, heads))
+
+    def _resolver(self, fut: asyncio.Future):
+        def done(seq: Sequence) -> None:
+            self.loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(seq))
+        return done
+
+    def _streamer(self, queue: asyncio.Queue, index: int, n_source: int):
+        def token(seq: Sequence, tok: int, row) -> None:
+            item = (index, tok, list(seq.tokens), None if row is None else alignment(row[None], n_source)[0])
+            self.loop.call_soon_threadsafe(queue.put_nowait, item)
+        return token
+
+    @property
+    def sequences(self) -> list[Sequence]:
+        return [m[0] for m in self.made]
+
+    def result(self, i: int) -> TranslationResult:
+        seq, pieces, layer, heads = self.made[i]
+        if seq.dropped == "deadline":
+            raise DeadlineExceeded("the translation did not finish within the deadline")
+        if seq.dropped == "shutdown":
+            raise NotReady("this replica is shutting down; retry")
+        if seq.dropped is not None:
+            raise ServiceError(f"the translation was stopped ({seq.dropped})")
+        return self.rt.result(seq, pieces, layer, heads)
+
+
 @serve.deployment(name="Translator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
 @serve.ingress(api)
 class Translator(ModelReplica):
     def __init__(self, args: dict[str, Any]) -> None:
         cfg = self.open(args, "translator", TranslatorRuntime)
         self.max_source_tokens = min(self.limits.max_source_tokens, self.rt.max_source_tokens)
+        self.engine_config = EngineConfig()
+        self.loop = EngineLoop(self.rt.new_engine(self._settings()), asyncio.get_running_loop(), self.metrics,
+                               self.rt.name)
         if cfg.warmup:
             for attn in (False, True):
-                self.rt.translate(["Hello, world."], max_new_tokens=4, return_attention=attn)
+                self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn)
         route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
+
+    def _settings(self) -> EngineSettings:
+        return EngineSettings(**self.engine_config.model_dump())
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's user_config: the engine's knobs, applied at its next iteration without a restart."""
+        self.engine_config = EngineConfig.model_validate(user_config or {})
+        self.loop.reconfigure(self._settings())
+
+    def __del__(self) -> None:
+        loop = getattr(self, "loop", None)
+        if loop is not None:
+            loop.stop()
 
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "translation", "route": ROUTE,
@@ -74,45 +142,53 @@ class Translator(ModelReplica):
                 raise LimitExceeded(f"{n} source tokens (with EOS), the limit is {self.max_source_tokens}",
                                     field=f"texts[{i}]")
 
-    @api.post("/", response_model=TranslateResponse, responses=ERROR_RESPONSES, summary="Translate English to Spanish")
-    async def translate(self, req: TranslateRequest, request: Request) -> TranslateResponse:
+    @api.post("/", response_model=TranslateResponse, responses={**ERROR_RESPONSES, **STREAM_RESPONSES},
+              summary="Translate English to Spanish")
+    async def translate(self, req: TranslateRequest, request: Request) -> Any:
         self.check_limits(req)
-        job = Job(req.texts, req.beam_size, req.max_new_tokens, req.return_attention)
-        results = await self.gate.run(self.run_batch(job), self.gate.deadline(request))
+        timeout_s = self.gate.deadline(request)
+        deadline = time.monotonic() + timeout_s  # the engine's clock (an event loop's may differ: uvloop)
+        if req.stream:
+            if self.gate.pending >= self.gate.max_pending:  # refuse before the 200 of a stream is sent
+                raise Overloaded(f"{self.gate.pending} requests already pending in this replica "
+                                 f"(limit {self.gate.max_pending}); retry later", retry_after_s=self.gate.retry_after_s)
+            return StreamingResponse(self._stream(req, timeout_s, deadline), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        job = Job(self.rt, req, asyncio.get_running_loop(), deadline)
+        results = await self.gate.run(self._run(job), timeout_s)
+        return self._response(req, results)
+
+    def _response(self, req: TranslateRequest, results: list[TranslationResult]) -> TranslateResponse:
         return TranslateResponse(model=self.rt.name, version=self.rt.version,
                                  translations=[encode(r, req.return_attention) for r in results])
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def run_batch(self, jobs: list[Job]) -> list[list[TranslationResult]]:
-        start, m = time.perf_counter(), self.metrics
-        tags = {"model": self.rt.name}
-        m.batch_size.observe(len(jobs), tags)
-        groups: dict[tuple[bool, int, int], list[int]] = defaultdict(list)
-        for i, job in enumerate(jobs):
-            m.queue_wait.observe(start - job.enqueued, tags)
-            groups[job.key].append(i)
-        out: list[list[TranslationResult]] = [[] for _ in jobs]
-        for (attn, beam, max_new), idx in groups.items():
-            texts = [t for i in idx for t in jobs[i].texts]
-            results: list[TranslationResult] = []
-            for lo in range(0, len(texts), self.settings.max_batch_items):
-                chunk = texts[lo : lo + self.settings.max_batch_items]
-                results += await self._run(chunk, attn, beam, max_new)
-            pos = 0
-            for i in idx:
-                n = len(jobs[i].texts)
-                out[i], pos = results[pos : pos + n], pos + n
-        assert all(len(o) == len(j.texts) for o, j in zip(out, jobs, strict=True))
-        return out
+    async def _run(self, job: Job) -> list[TranslationResult]:
+        try:
+            for seq in job.sequences:
+                self.loop.submit(seq)
+            await asyncio.gather(*job.futures)
+            return [job.result(i) for i in range(len(job.futures))]
+        finally:  # cancelled (client gone, deadline): free the slots now, not when decoding would end
+            for seq in job.sequences:
+                self.loop.cancel(seq)
 
-    async def _run(self, texts: list[str], attn: bool, beam: int, max_new: int) -> list[TranslationResult]:
-        graph, t0 = ("attention" if attn else "fast"), time.perf_counter()
-        results = await asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: self.rt.translate(texts, beam_size=beam, max_new_tokens=max_new, return_attention=attn))
-        m, tags = self.metrics, {"model": self.rt.name}
-        m.inference.observe(time.perf_counter() - t0, {**tags, "graph": graph})
-        m.batch_items.observe(len(texts), {**tags, "graph": graph})
-        m.input_tokens.inc(sum(len(r.source_tokens) + 1 for r in results), tags)
-        m.generated_tokens.inc(sum(len(r.target_tokens) for r in results), tags)
-        return results
-
+    async def _stream(self, req: TranslateRequest, timeout_s: float, deadline: float) -> AsyncIterator[bytes]:
+        queue: asyncio.Queue = asyncio.Queue()
+        job = Job(self.rt, req, asyncio.get_running_loop(), deadline, stream=queue)
+        task = asyncio.ensure_future(self.gate.run(self._run(job), timeout_s))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (item := await queue.get()) is not None:
+                index, _, tokens, row = item
+                event = TokenEvent(index=index, token=self.rt.tokenizer.id_to_token(tokens[-1]),
+                                   text=self.rt.tokenizer.decode(tokens),
+                                   alignment=None if row is None else row.tolist())
+                yield sse("token", event.model_dump(exclude_none=True))
+            results = task.result()
+            yield sse("done", self._response(req, results).model_dump(mode="json"))
+        except Exception as e:  # the status line is sent already: the error becomes the last event
+            response, code = to_response(e)
+            yield sse("error", json.loads(response.body) if response.body else error_body(code, str(e)))
+        finally:
+            if not task.done():
+                task.cancel()

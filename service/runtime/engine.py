@@ -92,14 +92,14 @@ class Engine:
         self.settings = settings or EngineSettings()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.owner: list[Sequence | None] = [None] * buffers.rows
+        self.owner: dict[int, Sequence] = {}  # live row -> its sequence
         self.live = 0  # rows [0, live) are in use
         self.lock = threading.Lock()  # guards `waiting` (submit may come from another thread)
 
     # -- verbs -------------------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> Sequence:
-        if not 1 <= seq.beam_size <= self.b.rows:
-            raise ValueError(f"beam_size {seq.beam_size} does not fit in {self.b.rows} slots")
+        if not 1 <= seq.beam_size <= self.settings.max_slots:
+            raise ValueError(f"beam_size {seq.beam_size} does not fit in {self.settings.max_slots} slots")
         if seq.max_new_tokens > self.b.max_positions:
             raise ValueError(f"max_new_tokens {seq.max_new_tokens} over the model's {self.b.max_positions}")
         with self.lock:
@@ -161,7 +161,7 @@ class Engine:
             if self.live and oldest < st.admit_wait_s and len(self.waiting) < st.max_encoder_batch:
                 return  # hold back a little to encode a fuller batch
             budget = st.max_step_tokens - self.live
-            free = min(st.max_slots, self.b.rows) - self.live
+            free = st.max_slots - self.live
             batch: list[Sequence] = []
             while self.waiting and len(batch) < st.max_encoder_batch:
                 seq = self.waiting[0]
@@ -182,7 +182,8 @@ class Engine:
         batch = [s for s in batch if s.src_ids]
         if not batch:
             return
-        self.b.fit(self.live, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
+        rows = self.live + sum(s.beam_size for s in batch)
+        self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
         cross = self.encode([s.src_ids for s in batch])  # (L, 2, n, nh, S, hs)
         for i, seq in enumerate(batch):
             k = seq.beam_size
@@ -206,7 +207,7 @@ class Engine:
 
     def _step(self, stats: IterationStats) -> None:
         n = self.live
-        self.b.fit(n, self._positions_needed(), max(len(s.src_ids) for s in self.running))
+        self.b.fit(n, n, self._positions_needed(), max(len(s.src_ids) for s in self.running))
         t0 = time.monotonic()
         out = self.step_graph.run(n)
         stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
@@ -304,19 +305,19 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         for r in seq.rows:
-            self.owner[r] = None
+            del self.owner[r]
         seq.rows = []
 
     def _compact(self) -> None:
         """Move live rows from the tail into freed rows so that rows [0, live) are exactly the live ones."""
         n = sum(len(s.rows) for s in self.running)
-        holes = [r for r in range(n) if self.owner[r] is None]
-        tail = [r for r in range(n, self.live) if self.owner[r] is not None]
+        holes = [r for r in range(n) if r not in self.owner]
+        tail = [r for r in range(n, self.live) if r in self.owner]
         assert len(holes) == len(tail), (holes, tail)
         if holes:
             self.b.move(np.array(holes), np.array(tail), self._positions_needed())
             for dst, src in zip(holes, tail, strict=True):
-                seq = self.owner[src]
+                seq = self.owner.pop(src)
                 seq.rows[seq.rows.index(src)] = dst
-                self.owner[dst], self.owner[src] = seq, None
+                self.owner[dst] = seq
         self.live = n

@@ -35,24 +35,40 @@ def grown(capacity: int, needed: int, limit: int) -> int:
 
 
 class SlotBuffers:
-    """Host-side (CPU-provider) buffers for ``rows`` slots of a decoder with the given dimensions."""
+    """Host-side (CPU-provider) buffers for the live slots of a decoder; every capacity grows on demand."""
 
     def __init__(self, *, rows: int, layers: int, heads: int, head_dim: int, max_positions: int, max_source: int,
                  topk: int) -> None:
-        self.rows, self.layers, self.heads, self.head_dim = rows, layers, heads, head_dim
+        self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.max_positions, self.max_source, self.topk = max_positions, max_source, topk
+        self.rows = 0
+        self.cache = self.cross = np.zeros((0, layers, 2, heads, MIN_CAPACITY, head_dim), np.float32)
+        self.src_mask = np.zeros((0, MIN_CAPACITY), bool)
+        self._alloc(min(rows, MIN_CAPACITY), 0, MIN_CAPACITY, MIN_CAPACITY)
+
+    def _alloc(self, rows: int, keep: int, cache_len: int, src_len: int) -> None:
+        """(Re)allocate every buffer for ``rows`` rows and the given capacities, keeping rows [0, keep)."""
+        old = self.__dict__.copy()
+        self.rows = rows
         self.tokens = np.zeros(rows, np.int64)
         self.positions = np.zeros(rows, np.int64)
-        self.align_weights = np.zeros((rows, layers, heads), np.float32)
-        self.out_logprobs = np.zeros((rows, topk), np.float32)
-        self.out_ids = np.zeros((rows, topk), np.int64)
-        self.cache = self._kv(MIN_CAPACITY)
-        self.cross = self._kv(MIN_CAPACITY)
-        self.src_mask = np.zeros((rows, MIN_CAPACITY), bool)
-        self.out_alignment = np.zeros((rows, MIN_CAPACITY), np.float32)
+        self.align_weights = np.zeros((rows, self.layers, self.heads), np.float32)
+        self.out_logprobs = np.zeros((rows, self.topk), np.float32)
+        self.out_ids = np.zeros((rows, self.topk), np.int64)
+        self.cache = self._kv(rows, cache_len)
+        self.cross = self._kv(rows, src_len)
+        self.src_mask = np.zeros((rows, src_len), bool)
+        self.out_alignment = np.zeros((rows, src_len), np.float32)
+        if keep:
+            for name in ("tokens", "positions", "align_weights"):
+                getattr(self, name)[:keep] = old[name][:keep]
+            c, s = min(cache_len, old["cache"].shape[4]), min(src_len, old["cross"].shape[4])
+            self.cache[:keep, ..., :c, :] = old["cache"][:keep, ..., :c, :]
+            self.cross[:keep, ..., :s, :] = old["cross"][:keep, ..., :s, :]
+            self.src_mask[:keep, :s] = old["src_mask"][:keep, :s]
 
-    def _kv(self, length: int) -> np.ndarray:
-        return np.zeros((self.rows, self.layers, 2, self.heads, length, self.head_dim), np.float32)
+    def _kv(self, rows: int, length: int) -> np.ndarray:
+        return np.zeros((rows, self.layers, 2, self.heads, length, self.head_dim), np.float32)
 
     @property
     def cache_len(self) -> int:
@@ -65,27 +81,18 @@ class SlotBuffers:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.cache, self.cross, self.src_mask, self.out_alignment))
 
-    def fit(self, n: int, positions_needed: int, source_needed: int) -> None:
-        """Resize cache and cross capacity (live rows ``[0, n)`` kept) to what the live rows need."""
-        want_c = self._target(self.cache_len, positions_needed, self.max_positions)
-        if want_c != self.cache_len:
-            new = self._kv(want_c)
-            keep = min(want_c, self.cache_len)
-            new[:n, ..., :keep, :] = self.cache[:n, ..., :keep, :]
-            self.cache = new
-        want_s = self._target(self.src_len, source_needed, self.max_source)
-        if want_s != self.src_len:
-            cross, mask = self._kv(want_s), np.zeros((self.rows, want_s), bool)
-            keep = min(want_s, self.src_len)
-            cross[:n, ..., :keep, :] = self.cross[:n, ..., :keep, :]
-            mask[:n, :keep] = self.src_mask[:n, :keep]
-            self.cross, self.src_mask = cross, mask
-            self.out_alignment = np.zeros((self.rows, want_s), np.float32)
+    def fit(self, n: int, rows_needed: int, positions_needed: int, source_needed: int) -> None:
+        """Resize rows, cache and cross capacity to what the live rows need, keeping live rows ``[0, n)``."""
+        rows = self._target(self.rows, rows_needed, rows_needed)
+        cache_len = self._target(self.cache_len, positions_needed, self.max_positions)
+        src_len = self._target(self.src_len, source_needed, self.max_source)
+        if (rows, cache_len, src_len) != (self.rows, self.cache_len, self.src_len):
+            self._alloc(rows, n, cache_len, src_len)
 
     @staticmethod
     def _target(capacity: int, needed: int, limit: int) -> int:
         if needed > capacity:
-            return grown(capacity, needed, max(limit, needed))
+            return grown(max(capacity, 1), needed, max(limit, needed))
         while capacity > MIN_CAPACITY and needed <= capacity // 4:  # hysteresis: no resize back and forth
             capacity //= 2
         return capacity
