@@ -1,8 +1,12 @@
 """Checkpoint -> verified artifact folder: export every declared graph, check parity, add precisions, manifest.
 
-The folder is assembled under ``.<version>.partial`` and renamed into place only when every parity check
-passed, so ``artifacts/<name>/<version>/`` is always complete. Re-running is cheap: an artifact whose
-manifest names the same checkpoint sha256 and already has the asked precisions is left alone.
+The folder is assembled under ``.<version>.partial``. While the checks run it carries
+``manifest.partial.json``, which the runtime loads only when named explicitly (decode parity, quality).
+``manifest.json`` is written last, once every parity check and quality gate passed, and the folder is then
+renamed into place, so ``artifacts/<name>/<version>/`` is always complete; a failed export leaves only the
+dot-folder, which nothing finds or loads. Re-running is cheap: an artifact whose manifest names the same
+checkpoint sha256, the current manifest format and graph set, and already has the asked precisions is left
+alone.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import onnxruntime
 import torch
 
 from export import family_translator, family_vit
+from export.gates import QualityGateError, check_gates
 from export.onnx_export import OPSET, describe, export_graph
 from export.parity import Mismatch, ParityError, as_dicts, compare, cpu_session
 from export.precision import CONVERTERS, variant_file
 from export.specs import GRAPHS, model_dims
-from models.checkpoint import load_checkpoint
-from service.runtime.manifest import MANIFEST, load_manifest, sha256_file
+from models.checkpoint import load_checkpoint, read_meta
+from service.runtime.errors import ArtifactError
+from service.runtime.manifest import FORMAT, MANIFEST, PARTIAL_MANIFEST, check_name, load_manifest, locate, sha256_file
 
 FAMILIES = {"vit": family_vit, "translator": family_translator}
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json")
@@ -40,6 +46,8 @@ class ExportOptions:
     force: bool = False
     greedy_sentences: int = 200  # ORT vs torch greedy tokens, test split
     quality_limit: int | None = None  # test examples for the precision quality check; None = whole split
+    gates: bool = True  # fail when a precision loses too much quality (export/gates.py); off for random models
+    max_loss: dict[str, float] | None = None  # precision -> allowed loss, overriding export.gates.GATES
     log: list[str] = field(default_factory=list)
 
 
@@ -52,11 +60,20 @@ def snapshot(checkpoint: Path, into: Path) -> Path:
     return into
 
 
-def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...]) -> bool:
-    if not (dest / MANIFEST).is_file():
+def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...], kind: str) -> bool:
+    """Same checkpoint, current manifest format, the declared graphs (``GRAPHS[kind]``) in every precision,
+    and at least the asked precisions; an invalid or unpassed manifest is never up to date."""
+    try:
+        m = load_manifest(dest, verify=False)
+    except ArtifactError:
         return False
-    m = json.loads((dest / MANIFEST).read_text())
-    return m.get("source", {}).get("sha256") == checkpoint_sha and set(precisions) <= set(m.get("graphs", {}))
+    declared = {s.name for s in GRAPHS[kind]}
+    return (
+        m.format >= FORMAT
+        and m.source.get("sha256") == checkpoint_sha
+        and set(precisions) <= set(m.graphs)
+        and all(set(graphs) == declared for graphs in m.graphs.values())
+    )
 
 
 def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
@@ -65,13 +82,13 @@ def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         snap = snapshot(checkpoint, Path(tmp) / "checkpoint")
         sha = sha256_file(snap / "model.safetensors")
-        version = opts.version or sha[:12]
-        dest = opts.out / checkpoint.name / version
+        version = check_name(opts.version or sha[:12], "version")
+        dest = opts.out / check_name(checkpoint.name, "name") / version
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest.parent / ".export.lock", "w") as lock:
             # Two exports of one model (e.g. a test fixture and a terminal) would share the partial folder.
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not opts.force and up_to_date(dest, sha, opts.precisions):
+            if not opts.force and up_to_date(dest, sha, opts.precisions, read_meta(snap)["kind"]):
                 print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
                 return dest
             if (dest / MANIFEST).is_file() and not opts.force:  # adding a precision keeps the ones built before
@@ -123,7 +140,7 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
 
     extra = fam.manifest_extra(meta, model.cfg, snap, work)
     manifest = {
-        "format": 1,
+        "format": FORMAT,
         "name": checkpoint.name,
         "version": version,
         "task": fam.TASK,
@@ -151,24 +168,42 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
         "quality": {},
         **extra,
     }
-    write_manifest(work, manifest)  # checksums in place: the runtime can load the partial folder
+    partial = write_manifest(work, manifest, PARTIAL_MANIFEST)  # the runtime loads it by this explicit path
 
-    greedy, bad = fam.decode_parity(model, snap, work, opts)
+    greedy, bad = fam.decode_parity(model, snap, partial, opts)
     mismatches += bad
     if greedy:
         parity["greedy_tokens"] = greedy
     parity["mismatches"] = as_dicts(mismatches)
     parity["passed"] = not mismatches
-    manifest["quality"] = fam.quality(work, opts)
+    manifest["quality"] = fam.quality(partial, opts)
+    if opts.gates:
+        manifest["gates"], failures = check_gates(fam.TASK, manifest["quality"], max_loss=opts.max_loss)
+    else:
+        manifest["gates"], failures = {"checked": False, "reason": "disabled (ExportOptions.gates=False)"}, []
     manifest["build_seconds"] = round(time.time() - t0, 1)
-    write_manifest(work, manifest)
+    write_manifest(work, manifest, PARTIAL_MANIFEST)  # the figures, also when a check failed
+    # The partial folder stays for inspection; it has no manifest.json, so nothing finds or loads it.
     if mismatches:
-        raise ParityError(mismatches)  # the partial folder stays for inspection; nothing is installed
-    if dest.exists():
-        shutil.rmtree(dest)
-    work.rename(dest)
+        raise ParityError(mismatches)
+    if failures:
+        raise QualityGateError(f"{checkpoint.name}/{version}", failures)
+    write_manifest(work, manifest, MANIFEST)  # last: from here on the folder is a complete artifact
+    (work / PARTIAL_MANIFEST).unlink()
+    install(work, dest)
     print(f"{dest}: built in {time.time() - t0:.0f}s, parity passed", flush=True)
     return dest
+
+
+def install(work: Path, dest: Path) -> None:
+    """Rename the finished folder into place. A folder cannot replace a non-empty one in one rename: an older
+    build is first moved aside (to a dot-name lookup ignores), so ``dest`` is only ever absent or complete."""
+    old = dest.parent / f".{dest.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    work.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def repo_relative(path: Path) -> str:
@@ -180,17 +215,23 @@ def repo_relative(path: Path) -> str:
         return str(path.resolve())
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict, name: str = MANIFEST) -> Path:
+    """Checksum every file of the folder into the manifest, write it as ``name``, and load it back through the
+    runtime's own schema and checksum check; returns the manifest's path."""
     manifest["files"] = {
         f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         for f in sorted(folder.iterdir())
-        if f.is_file() and f.name != MANIFEST
+        if f.is_file() and f.name not in (MANIFEST, PARTIAL_MANIFEST)
     }
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    load_manifest(folder)  # the runtime's own schema and checksum check
+    path = folder / name
+    tmp = folder / f".{name}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    tmp.rename(path)
+    load_manifest(path)
+    return path
 
 
-def precisions_in(folder: Path) -> list[str]:
-    """Precisions listed in a folder's manifest, fp32 first."""
-    graphs = json.loads((folder / MANIFEST).read_text())["graphs"]
+def precisions_in(location: Path) -> list[str]:
+    """Precisions listed in an artifact's manifest (a folder, or an explicit manifest file), fp32 first."""
+    graphs = json.loads(locate(location)[1].read_text())["graphs"]
     return sorted(graphs, key=lambda p: (p != "fp32", p))

@@ -110,8 +110,10 @@ def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
 
 
 @torch.no_grad()
-def decode_parity(model: Translator, snap: Path, work: Path, opts) -> tuple[dict | None, list[Mismatch]]:
+def decode_parity(model: Translator, snap: Path, partial: Path, opts) -> tuple[dict | None, list[Mismatch]]:
     """Greedy tokens: torch (models.translator.greedy_decode) vs the ORT runtime, on spread test sentences.
+
+    ``partial``: the export's ``manifest.partial.json``; the runtime loads the unfinished folder through it.
 
     Both the fast and the attention decoder graphs are decoded; they must agree with torch exactly.
     """
@@ -124,7 +126,7 @@ def decode_parity(model: Translator, snap: Path, work: Path, opts) -> tuple[dict
     torch_tokens: list[list[int]] = []
     for b in range(0, len(ids), 32):
         torch_tokens += greedy_decode(model, pad(ids[b : b + 32]), max_new_tokens=MAX_LEN)
-    rt = TranslatorRuntime(work, device="cpu")
+    rt = TranslatorRuntime(partial, device="cpu")
     result, bad = {}, []
     for attention in (False, True):
         ort_tokens: list[list[int]] = []
@@ -139,8 +141,10 @@ def decode_parity(model: Translator, snap: Path, work: Path, opts) -> tuple[dict
     return result, bad
 
 
-def quality(work: Path, opts) -> dict:
-    """Greedy BLEU/chrF on the test split for every precision through the runtime (CPU), change vs fp32."""
+def quality(partial: Path, opts) -> dict:
+    """Greedy BLEU/chrF on the test split for every precision through the runtime (CPU), change vs fp32.
+
+    ``partial``: the export's ``manifest.partial.json`` (see decode_parity)."""
     pairs = test_pairs()
     if pairs is None:
         return {"skipped": f"no spa-eng data under {data_root()}"}
@@ -148,9 +152,9 @@ def quality(work: Path, opts) -> dict:
     out: dict = {"split": "spa-eng test (SPLIT.md)", "metric": "bleu", "decoding": "greedy"}
     from export.build import precisions_in
 
-    for p in precisions_in(work):
+    for p in precisions_in(partial):
         try:
-            out[p] = translator_metrics(TranslatorRuntime(work, precision=p, device="cpu"), pairs)
+            out[p] = translator_metrics(TranslatorRuntime(partial, precision=p, device="cpu"), pairs)
             out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
         except Exception as e:  # e.g. fp16 kernels missing on CPU: record it rather than guess
             out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}

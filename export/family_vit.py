@@ -52,12 +52,14 @@ def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
     }
 
 
-def decode_parity(model, snap: Path, work: Path, opts) -> tuple[dict | None, list]:
+def decode_parity(model, snap: Path, partial: Path, opts) -> tuple[dict | None, list]:
     return None, []  # nothing is decoded: the graph parity above covers the classifier
 
 
-def quality(work: Path, opts) -> dict:
-    """Test accuracy of every precision through the runtime (CPU), and its change from fp32 in points."""
+def quality(partial: Path, opts) -> dict:
+    """Test accuracy of every precision through the runtime (CPU), and its change from fp32 in points.
+
+    ``partial``: the export's ``manifest.partial.json``; the runtime loads the unfinished folder through it."""
     data = test_set()
     if data is None:
         return {"skipped": f"no Fashion-MNIST test set under {data_root()}"}
@@ -65,9 +67,9 @@ def quality(work: Path, opts) -> dict:
     out: dict = {"split": "fashion-mnist test", "metric": "accuracy"}
     from export.build import precisions_in  # local: build imports this module
 
-    for p in precisions_in(work):
+    for p in precisions_in(partial):
         try:
-            out[p] = vit_accuracy(ClassifierRuntime(work, precision=p, device="cpu"), images, labels)
+            out[p] = vit_accuracy(ClassifierRuntime(partial, precision=p, device="cpu"), images, labels)
             out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
         except Exception as e:  # e.g. fp16 kernels missing on CPU: say so instead of guessing
             out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}

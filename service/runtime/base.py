@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.runtime.manifest import load_manifest
+from service.runtime.manifest import load_manifest, locate
 from service.runtime.sessions import make_session, resolve_device
 
 
@@ -14,8 +14,9 @@ class ArtifactRuntime:
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
     ) -> None:
-        self.artifact_dir = Path(artifact_dir)
-        self.manifest = load_manifest(self.artifact_dir)  # verifies every file's sha256
+        # An artifact folder, or (the exporter, while its checks run) a folder's manifest.partial.json.
+        self.artifact_dir = locate(Path(artifact_dir))[0]
+        self.manifest = load_manifest(artifact_dir)  # verifies every file's sha256
         self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
         self.device = resolve_device(device)
         self.sessions = {
