@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from service.metrics import Metrics
 from service.runtime.engine import Engine, EngineSettings, IterationStats, Sequence
@@ -31,8 +32,10 @@ class EngineLoop:
         self.wake.set()
 
     def cancel(self, seq: Sequence) -> None:
+        """The caller stopped waiting: past its deadline the engine drops it as "deadline" by itself."""
         if not seq.done:
-            seq.cancelled = True  # read by the engine thread at its next iteration
+            if seq.deadline is None or time.monotonic() < seq.deadline:
+                seq.cancelled = True  # read by the engine thread at its next iteration
             self.wake.set()
 
     def reconfigure(self, settings: EngineSettings) -> None:

@@ -26,7 +26,7 @@ def b64(data: bytes) -> str:
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-KEEP = ("model", "route", "status", "code", "graph", "le")
+KEEP = ("model", "route", "status", "code", "graph", "le", "reason")
 
 
 def scrape(url: str) -> Samples:

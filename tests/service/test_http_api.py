@@ -149,6 +149,8 @@ def test_metrics_count_exactly_what_was_sent(service):
     wait_for(url, lambda s: all(d >= expected[k] for k, d in delta(s).items()))
     assert delta(settled(url)) == expected
     final = scrape(url)
-    for hist in ("request_latency_seconds", "queue_wait_seconds", "batch_size", "batch_items", "inference_seconds"):
+    for hist in ("request_latency_seconds", "queue_wait_seconds", "batch_size", "batch_items", "inference_seconds",
+                 "engine_sequences_per_step", "engine_step_seconds", "time_to_first_token_seconds",
+                 "time_per_output_token_seconds"):
         assert any(n == f"ray_attnserve_{hist}_count" for n, _ in final), hist
     assert "ray_serve_" in httpx.get(url, timeout=10).text  # Serve's own metrics are exported too

@@ -1,0 +1,106 @@
+"""The decode engine through real HTTP: streaming, continuous batching, and work dropped for absent clients."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+from service_helpers import scrape, value, wait_for
+
+# The model keeps counting until max_new_tokens (measured: 200 of 200 tokens): a reliably long decode.
+LONG = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty")
+TEXTS = ["Where is the library?", "The cat sleeps on the red chair.", ""]
+
+
+def events(lines) -> list[tuple[str, dict]]:
+    """Parse a text/event-stream body into (event, data) pairs."""
+    out, event = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[len("data: "):])))
+    return out
+
+
+def test_stream_rebuilds_the_final_response(service):
+    body = {"texts": TEXTS, "return_attention": True}
+    with service.client() as c:
+        plain = c.post("/v1/translate", json=body).json()
+        with c.stream("POST", "/v1/translate", json={**body, "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            got = events(r.iter_lines())
+    kinds = [k for k, _ in got]
+    assert kinds[-1] == "done" and set(kinds[:-1]) == {"token"}
+    final = got[-1][1]
+    assert [t["text"] for t in final["translations"]] == [t["text"] for t in plain["translations"]]
+    for i, tr in enumerate(final["translations"]):
+        toks = [d for k, d in got if k == "token" and d["index"] == i]
+        att = tr["attention"]
+        assert [d["token"] for d in toks] == att["target_tokens"]  # one event per generated token, in order
+        assert (toks[-1]["text"] if toks else "") == tr["text"]  # the text so far ends as the translation
+        for d, row in zip(toks, att["weights"], strict=True):  # each event's alignment row is the final's row
+            assert max(abs(a - b) for a, b in zip(d["alignment"], row, strict=True)) < 1e-5
+        assert tr["text"] == plain["translations"][i]["text"]
+
+
+def test_beam_stream_sends_only_the_final_event(service):
+    with service.client() as c, c.stream("POST", "/v1/translate",
+                                         json={"texts": TEXTS[:1], "beam_size": 4, "stream": True}) as r:
+        got = events(r.iter_lines())
+    assert [k for k, _ in got] == ["done"] and got[0][1]["translations"][0]["text"]
+
+
+def test_short_request_is_not_held_by_a_long_one(service):
+    done: dict[str, float] = {}
+
+    def post(name: str, body: dict) -> None:
+        with service.client() as c:
+            assert c.post("/v1/translate", json=body).status_code == 200
+        done[name] = time.monotonic()
+
+    long_body = {"texts": [LONG] * 8, "beam_size": 4, "max_new_tokens": 256}
+    long_t = threading.Thread(target=post, args=("long", long_body))
+    long_t.start()
+    time.sleep(0.5)  # the long request is decoding
+    post("short", {"texts": ["Hello."], "max_new_tokens": 8})
+    long_t.join()
+    assert done["short"] < done["long"], done
+
+
+def dropped(url: str, reason: str) -> float:
+    return value(scrape(url), "ray_attnserve_engine_dropped_total", reason=reason)
+
+
+def slots_free(s) -> bool:
+    return value(s, "ray_attnserve_engine_slots_in_use") == 0
+
+
+def test_disconnected_client_frees_its_slots(service):
+    before = dropped(service.metrics_url, "disconnect")
+    try:
+        with httpx.Client(base_url=service.base, timeout=0.3) as c:
+            c.post("/v1/translate", json={"texts": [LONG] * 16, "beam_size": 4, "max_new_tokens": 256})
+    except httpx.TimeoutException:
+        pass  # the client hangs up mid-decode
+    after = wait_for(service.metrics_url,
+                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="disconnect") >= before + 16
+                     and slots_free(s), timeout_s=30)
+    assert value(after, "ray_attnserve_engine_dropped_total", reason="disconnect") == before + 16
+    assert slots_free(after)
+
+
+def test_expired_request_is_dropped_as_deadline(service):
+    before = dropped(service.metrics_url, "deadline")
+    with service.client() as c:
+        r = c.post("/v1/translate", json={"texts": [LONG] * 8, "beam_size": 4, "max_new_tokens": 256},
+                   headers={"X-Timeout-Ms": "300"})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    after = wait_for(service.metrics_url,
+                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="deadline") >= before + 8
+                     and slots_free(s), timeout_s=30)
+    assert value(after, "ray_attnserve_engine_dropped_total", reason="deadline") == before + 8
+    assert slots_free(after)
