@@ -2,17 +2,30 @@
 
 Ray is started in this process (a fresh local instance, never an existing cluster: use `serve run` or
 `serve deploy` with the same config for that). Ctrl-C or SIGTERM shuts Serve and this Ray down.
-Token auth: Ray 2.60 enables it by default; this single-user local start binds everything to loopback and
-sets RAY_AUTH_MODE=disabled unless you set RAY_AUTH_MODE yourself.
+
+Locked down by default:
+- Ray token auth is on (RAY_AUTH_MODE=token). Unless you give a token (RAY_AUTH_TOKEN or
+  RAY_AUTH_TOKEN_PATH), each start makes a random one in a 0600 file ~/.ray/attnserve-*.token, named in
+  the ready message (the token itself is never printed) and deleted at stop. `ray status` and other clients
+  of this Ray need RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=<that file>.
+- With the default --host 127.0.0.1, Ray runs as a loopback node (node IP 127.0.0.1): HTTP, metrics export,
+  dashboard (--dashboard), GCS, raylet, workers, agents and Ray's own metric servers listen on 127.0.0.1.
+  The one exception is each Serve replica's inter-deployment gRPC server, which Ray Serve binds to [::]:0 in
+  code; like every Ray gRPC server it refuses calls without the token. docs/ARCHITECTURE.md lists every
+  socket. With another --host, HTTP and the dashboard listen there and Ray uses the machine's address.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -58,18 +71,66 @@ def ensure_artifacts(args: AppArgs, *, export: bool) -> None:
                  " and the export extra installed (pip install -e '.[export]')?")
 
 
-def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpus: int | None) -> None:
+def is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lock_down(host: str) -> Path | None:
+    """Set up the environment Ray starts with: token auth, and a loopback-only node for a loopback host.
+
+    Returns the token file this start created (the caller deletes it at stop), or None when the user chose
+    the token (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH) or turned auth off.
+    """
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if is_loopback(host):
+        # Ray's own single-node mode (the default on macOS/Windows): the node IP is 127.0.0.1, and every
+        # socket Ray binds to the node IP (GCS, raylet, workers, agents, metrics) stays on loopback. Read
+        # when ray is imported (ray_constants.ENABLE_RAY_CLUSTER), by this process and every Ray child.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    for var in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
+        # Fixed (44217, 44227) by default: a second Ray on this machine could not bind them.
+        os.environ.setdefault(var, str(free_port()))
+    if mode.lower() != "token":
+        print(f"attnserve serve: WARNING: RAY_AUTH_MODE={mode}: anyone who can reach Ray's ports (open on all"
+              " interfaces) can run code here", file=sys.stderr, flush=True)
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return None
+    folder = Path.home() / ".ray"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="attnserve-", suffix=".token", dir=folder)  # created 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, as Ray's own `ray get-auth-token --generate`
+    os.environ["RAY_AUTH_TOKEN_PATH"] = name  # inherited by the raylet and every worker
+    return Path(name)
+
+
+def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpus: int | None,
+          host: str = "127.0.0.1") -> str:
+    """Start Ray and deploy; returns the GCS address."""
     import ray
+    from ray._private import ray_constants
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0" and ray_constants.ENABLE_RAY_CLUSTER:
+        raise RuntimeError("ray was imported before lock_down(): its node would listen on the machine's address")
     # Serve gives a new proxy 5 s to report ready, then kills it: too tight on a busy 2-core machine
     # (seen in CI-like runs). Set before ray.init so the controller inherits it.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     schema = ServeDeploySchema.model_validate(config)  # fail before starting anything
-    ray.init(address="local", include_dashboard=dashboard, _metrics_export_port=metrics_port,
-             num_cpus=num_cpus, namespace="serve", log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1" if is_loopback(host) else host,
+             _metrics_export_port=metrics_port, num_cpus=num_cpus, namespace="serve", log_to_driver=False,
+             configure_logging=False)
     http = schema.http_options.model_dump()
     try:
         client = serve_start(http_options=http, proxy_location=schema.proxy_location)
@@ -79,6 +140,7 @@ def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpu
         print(f"attnserve serve: Serve's proxy restarted ({type(e).__name__}); waiting for it", flush=True)
         client = serve_start(http_options=http, proxy_location=schema.proxy_location)
     client.deploy_apps(schema, _blocking=False)
+    return ray.get_runtime_context().gcs_address
 
 
 def wait_ready(base: str, timeout_s: float) -> None:
@@ -99,7 +161,7 @@ def wait_ready(base: str, timeout_s: float) -> None:
     raise TimeoutError(f"not ready within {timeout_s:.0f} s")
 
 
-def stop() -> None:
+def stop(token_file: Path | None = None) -> None:
     import ray
     from ray import serve
 
@@ -107,6 +169,8 @@ def stop() -> None:
         serve.shutdown()
     finally:
         ray.shutdown()
+        if token_file is not None:
+            token_file.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,9 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
 
     t0, base = time.monotonic(), f"http://{a.host}:{a.port}"
+    token_file = lock_down(a.host)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus)
+        gcs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own handler: ours must come after
         wait_ready(base, a.ready_timeout)
         print(f"attnserve ready in {time.monotonic() - t0:.1f} s\n"
@@ -144,15 +209,17 @@ def main(argv: list[str] | None = None) -> None:
               f"  docs     {base}/docs\n"
               f"  health   {base}/healthz  {base}/readyz\n"
               f"  metrics  http://{a.host}:{a.metrics_port}/metrics\n"
+              f"  ray      {gcs}  (RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}"
+              f" RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH', '<yours>')})\n"
               "Ctrl-C to stop.", flush=True)
         signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     except (RuntimeError, TimeoutError) as e:
         print(f"attnserve serve: {e}", file=sys.stderr, flush=True)
-        stop()
+        stop(token_file)
         sys.exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop()
+    stop(token_file)
     print("stopped.", flush=True)

@@ -38,6 +38,7 @@ class Service:
     metrics_url: str
     config: dict
     log: Path
+    pid: int  # the `attnserve serve` process; Ray's processes are its descendants
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=120, **kw)
@@ -65,9 +66,10 @@ def service(service_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -
     config = test_config(service_artifacts)
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     port, metrics_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("ATTNSERVE_ARTIFACTS", None)
+    # The secure default: token auth with a per-start token, loopback node (tests/service/test_security.py).
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", "OMP_NUM_THREADS": "1"}
+    for var in ("ATTNSERVE_ARTIFACTS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(var, None)
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(tmp / "serve_config.yaml"),
            "--port", str(port), "--metrics-port", str(metrics_port), "--no-export"]
@@ -80,7 +82,7 @@ def service(service_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"attnserve serve did not become ready:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield Service(base, f"http://127.0.0.1:{metrics_port}/metrics", config, log)
+        yield Service(base, f"http://127.0.0.1:{metrics_port}/metrics", config, log, proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
