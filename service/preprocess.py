@@ -7,7 +7,7 @@ Documented conversion (any size, any Pillow mode):
    transparency (alpha or a tRNS colour key) is composited onto black (Fashion-MNIST backgrounds are black).
 3. Converted to 8-bit grayscale ("L", ITU-R 601 luma); 16-bit samples are rescaled to 8 bits, not clipped.
 4. Non-square images are padded to a square with the median of their border pixels, so objects keep their
-   aspect ratio and the padding matches the background.
+   aspect ratio and the padding matches the background (a side over 2048 is first shrunk, aspect kept).
 5. Resized to 28x28 with Lanczos filtering. A 28x28 grayscale image passes through unchanged (bit-exact).
 No inversion is done: dark-on-light photos should be inverted by the client to match Fashion-MNIST.
 """
@@ -28,6 +28,7 @@ SIZE = 28
 FORMATS = ("PNG", "JPEG")
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNGs decode to one of these
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+MAX_SIDE = 2048  # longer sides are shrunk (aspect kept) before padding to a square
 
 
 def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
@@ -112,6 +113,12 @@ def _gray(img: Image.Image) -> Image.Image:
 def _convert(img: Image.Image) -> np.ndarray:
     img = _gray(img)
     w, h = img.size
+    if max(w, h) > MAX_SIDE:
+        # Padding a 1 x 4,000,000 image (within the pixel cap) to a square would allocate 16 TB: shrink long
+        # sides first. Images up to MAX_SIDE (all the usual ones) are unaffected.
+        scale = MAX_SIDE / max(w, h)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+        w, h = img.size
     if w != h:
         a = np.asarray(img)
         border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])

@@ -118,6 +118,12 @@ def test_zero_size_and_huge_headers_are_rejected_before_decoding(width, height):
     assert e.value.status == 400
 
 
+@pytest.mark.parametrize(("width", "height"), [(1, 1_000_000), (1_000_000, 1), (3000, 300), (2049, 1)])
+def test_long_thin_images_convert_without_a_huge_square(width, height):
+    raw = encode(Image.new("L", (width, height), 200))
+    assert (decode(raw) >= 199).all()  # uniform stays uniform; padding took the border colour
+
+
 # --- valid images -------------------------------------------------------------------------------------------------
 
 # (mode Pillow builds, format) pairs that PNG/JPEG can store; together they decode to every mode a client can send.
