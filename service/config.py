@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.runtime.manifest import NAME_PATTERN  # names and versions are artifact folder names
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,8 +35,9 @@ class Limits(_Strict):
 
 
 class ModelArgs(_Strict):
-    name: str
-    version: str | None = Field(None, description="None = newest version under the artifact root")
+    name: str = Field(pattern=NAME_PATTERN, description="artifact name: the folder under the artifact root")
+    version: str | None = Field(None, pattern=NAME_PATTERN,
+                                description="artifact version (folder name); None = the newest complete one")
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per replica")

@@ -138,3 +138,14 @@ def test_names_and_versions_are_validated(tiny_artifacts, tmp_path, name):
     d = copy_with(tiny_artifacts["vit"], tmp_path / "bad", name=name)
     with pytest.raises(ArtifactError, match="not a valid manifest"):
         load_manifest(d)
+
+
+@pytest.mark.parametrize("field", ["name", "version"])
+def test_serve_config_rejects_unsafe_names(field):
+    from pydantic import ValidationError
+
+    from service.config import ModelArgs
+
+    ModelArgs(name="vit-fashion", version="a853db6bca74")
+    with pytest.raises(ValidationError, match=field):
+        ModelArgs(**{"name": "vit-fashion", field: "../../etc"})
