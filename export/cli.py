@@ -35,11 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--greedy-sentences", type=int, default=200, help="test sentences for greedy-token parity")
     p.add_argument("--quality-limit", type=int, help="test examples for precision quality (default: whole split)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-gates", action="store_true",
+                   help="install even when int8/fp16 lose more quality than export/gates.py allows (untrained models)")
     args = p.parse_args(argv)
 
     import torch  # after argparse: `--help` stays instant
 
     from export.build import ExportOptions, export_checkpoint
+    from export.gates import QualityGateError
+    from export.parity import ParityError
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -50,10 +54,14 @@ def main(argv: list[str] | None = None) -> None:
         force=args.force,
         greedy_sentences=args.greedy_sentences,
         quality_limit=args.quality_limit,
+        gates=not args.no_gates,
     )
     for name in args.models:
         ckpt = args.checkpoints / name
         if not (ckpt / "model.safetensors").exists():
             raise SystemExit(f"no checkpoint at {ckpt} (train it with `attnserve train ...`)")
         print(f"export {name} -> {args.out / name}", flush=True)
-        export_checkpoint(ckpt, opts)
+        try:
+            export_checkpoint(ckpt, opts)
+        except (ParityError, QualityGateError) as e:  # nothing was installed; say why without a traceback
+            raise SystemExit(f"attnserve export: {type(e).__name__}: {e}") from None
