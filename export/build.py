@@ -105,7 +105,7 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
     work = dest.parent / f".{version}.partial"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    specs = GRAPHS[kind]
+    specs = [s.expand(dims) for s in GRAPHS[kind]]  # per-layer tensors named for this model
 
     graphs: dict[str, dict] = {"fp32": {}}
     for spec in specs:

@@ -78,16 +78,19 @@ def real_cases(spec: GraphSpec, model: Translator, snap: Path) -> dict[str, dict
 def slot_case(model: Translator, tgt, cross, mask, present) -> dict[str, np.ndarray]:
     """Real sentences as engine slots at different positions: row i continues after 4 - i teacher-forced
     tokens (its cache holds them; later cache entries are stale on purpose), weights on the last layer."""
-    n, past = tgt.size(0), present.size(4)
+    n, past, layers = tgt.size(0), present.size(4), present.size(0)
     positions = torch.tensor([max(past - i, 0) for i in range(n)])
-    cache = torch.zeros(n, present.size(0), 2, present.size(3), past + 2, present.size(5))
-    cache[..., :past, :] = present.permute(2, 0, 1, 3, 4, 5)
-    align = torch.zeros(n, cross.size(0), cross.size(3))
+    align = torch.zeros(n, layers, cross.size(3))
     align[:, -1] = 1.0 / cross.size(3)
-    tokens = tgt[torch.arange(n), positions.clamp(max=tgt.size(1) - 1)]
-    feeds = (tokens, positions, cache, cross.permute(2, 0, 1, 3, 4, 5), mask, align)
-    names = ("tokens", "positions", "cache", "cross_kv", "src_mask", "align_weights")
-    return {k: v.contiguous().numpy() for k, v in zip(names, feeds, strict=True)}
+    feeds = {"tokens": tgt[torch.arange(n), positions.clamp(max=tgt.size(1) - 1)], "positions": positions,
+             "src_mask": mask, "align_weights": align}
+    for i in range(layers):
+        for j, kv in enumerate("kv"):
+            cache = torch.zeros(n, present.size(3), past + 2, present.size(5))
+            cache[:, :, :past] = present[i, j]
+            feeds[f"cache_{kv}{i}"] = cache
+            feeds[f"cross_{kv}{i}"] = cross[i, j]
+    return {k: v.contiguous().numpy() for k, v in feeds.items()}
 
 
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
@@ -115,7 +118,8 @@ def decode_parity(model: Translator, snap: Path, partial: Path, opts) -> tuple[d
 
     ``partial``: the export's ``manifest.partial.json``; the runtime loads the unfinished folder through it.
 
-    Both the fast and the attention decoder graphs are decoded; they must agree with torch exactly.
+    The fast and the attention decoder graphs, and the engine's slot step (all sentences in flight together,
+    half of them with alignment), must agree with torch exactly.
     """
     pairs = test_pairs()
     if pairs is None:
@@ -138,6 +142,16 @@ def decode_parity(model: Translator, snap: Path, partial: Path, opts) -> tuple[d
         name = "decoder_attn" if attention else "decoder"
         result[name], mism = token_parity(torch_tokens, ort_tokens)
         bad += [Mismatch(name, m.case, m.output, m.detail) for m in mism]
+    # The serving engine: every sentence submitted at once, with and without alignment in the same steps.
+    made = [rt.sequence(t, max_new_tokens=MAX_LEN, return_attention=i % 2 == 1) for i, t in enumerate(texts)]
+    engine = rt.new_engine()
+    for seq, *_ in made:
+        engine.submit(seq)
+    while not engine.idle:
+        engine.iterate()
+    engine_tokens = [seq.tokens for seq, *_ in made]
+    result["decoder_step"], mism = token_parity(torch_tokens, engine_tokens)
+    bad += [Mismatch("decoder_step", m.case, m.output, m.detail) for m in mism]
     return result, bad
 
 

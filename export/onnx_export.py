@@ -25,7 +25,9 @@ def export_graph(
     example = random_inputs(spec, dims, EXAMPLE_SIZES)
     args = tuple(torch.from_numpy(example[t.name]) for t in spec.inputs)
     axes = {d: Dim(d) for d in DYNAMIC}
-    dynamic_shapes = {t.name: {i: axes[d] for i, d in enumerate(t.shape) if d in DYNAMIC} for t in spec.inputs}
+    shapes = [{i: axes[d] for i, d in enumerate(t.shape) if d in DYNAMIC} for t in spec.inputs]
+    first = spec.first_vararg  # per-layer inputs reach the wrapper as *args: their shapes nest in one tuple
+    dynamic_shapes = (*shapes[:first], tuple(shapes[first:])) if first is not None else tuple(shapes)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation chatter, not about our graph

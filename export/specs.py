@@ -7,7 +7,7 @@ dimensions (``layers``, ``heads``, ``head_dim``, ``vocab``, ...). One generic ex
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -37,9 +37,38 @@ class GraphSpec:
     atol: float = 1e-4  # fp32 ORT vs torch; probabilities and logits of these sizes agree to ~1e-6
     rtol: float = 1e-3
 
+    def expand(self, dims: dict[str, int]) -> GraphSpec:
+        """Per-layer tensors ("{i}" in the name) repeated for every decoder layer, grouped by name pattern:
+        cache_k{i}, cache_v{i} -> cache_k0, cache_v0, cache_k1, cache_v1, ... then the next pattern group."""
+        return replace(self, inputs=_expand(self.inputs, dims), outputs=_expand(self.outputs, dims))
+
+    @property
+    def first_vararg(self) -> int | None:
+        """Index of the first per-layer input (the wrapper takes them as *args), if any."""
+        return next((i for i, t in enumerate(self.inputs) if t.name[-1].isdigit()), None)
+
     def static_shape(self, t: TensorSpec, dims: dict[str, int]) -> list[int | str]:
         """The shape with static names replaced by numbers and dynamic ones kept as names."""
         return [d if isinstance(d, int) or d in DYNAMIC else dims[d] for d in t.shape]
+
+
+def _stem(t: TensorSpec) -> str:
+    return t.name.split("_")[0]
+
+
+def _expand(specs: tuple[TensorSpec, ...], dims: dict[str, int]) -> tuple[TensorSpec, ...]:
+    out: list[TensorSpec] = []
+    group: list[TensorSpec] = []
+    for t in (*specs, None):
+        if t is not None and "{i}" in t.name and (not group or _stem(t) == _stem(group[0])):
+            group.append(t)
+            continue
+        for i in range(dims.get("decoder_layers", 0)):
+            out += [replace(g, name=g.name.format(i=i)) for g in group]
+        group = [t] if t is not None and "{i}" in t.name else []
+        if t is not None and "{i}" not in t.name:
+            out.append(t)
+    return tuple(out)
 
 
 PIXELS = TensorSpec("pixels", "float32", ("batch", "channels", "image_size", "image_size"))
@@ -60,16 +89,19 @@ DEC_INPUTS = (TGT_IDS, CROSS_KV, SRC_MASK, PAST_KV)
 STEP_INPUTS = (
     TensorSpec("tokens", "int64", ("slots",)),
     TensorSpec("positions", "int64", ("slots",)),
-    TensorSpec("cache", "float32", ("slots", "decoder_layers", 2, "heads", "cache_len", "head_dim")),
-    TensorSpec("cross_kv", "float32", ("slots", "decoder_layers", 2, "heads", "src_len", "head_dim")),
     TensorSpec("src_mask", "bool", ("slots", "src_len")),
     TensorSpec("align_weights", "float32", ("slots", "decoder_layers", "heads")),
+    # "{i}": one tensor per decoder layer (GraphSpec.expand), passed to the wrapper as *args
+    TensorSpec("cache_k{i}", "float32", ("slots", "heads", "cache_len", "head_dim")),
+    TensorSpec("cache_v{i}", "float32", ("slots", "heads", "cache_len", "head_dim")),
+    TensorSpec("cross_k{i}", "float32", ("slots", "heads", "src_len", "head_dim")),
+    TensorSpec("cross_v{i}", "float32", ("slots", "heads", "src_len", "head_dim")),
 )
 STEP_OUTPUTS = (
     TensorSpec("topk_logprobs", "float32", ("slots", "topk")),
     TensorSpec("topk_ids", "int64", ("slots", "topk")),
-    TensorSpec("cache_out", "float32", ("slots", "decoder_layers", 2, "heads", "cache_len", "head_dim")),
     TensorSpec("alignment", "float32", ("slots", "src_len")),
+    TensorSpec("new_kv", "float32", ("slots", "decoder_layers", 2, "heads", "head_dim")),
 )
 
 VIT_GRAPHS = (

@@ -54,11 +54,11 @@ class DecoderGraph(nn.Module):
 class SlotStepGraph(nn.Module):
     """The serving engine's decoder step over slots (rows at their own positions), token choice in the graph.
 
-    tokens (N,), positions (N,), cache (N,L,2,nh,C,hs), cross_kv (N,L,2,nh,S,hs), src_mask (N,S) bool,
-    align_weights (N,L,nh) -> topk_logprobs (N,K), topk_ids (N,K) (sorted, ties by lower id, so column 0 is
-    greedy's argmax), cache_out (cache with this step's keys/values written at each row's position: bind it
-    to the same buffer as ``cache`` and the update happens in place), alignment (N,S) = the cross-attention
-    weighted by ``align_weights`` (zeros: none). Only ids, K scores and S weights per row leave the device.
+    tokens (N,), positions (N,), src_mask (N,S) bool, align_weights (N,L,nh), then per layer the self-attention
+    cache keys and values (N,nh,C,hs), then per layer the cross keys and values (N,nh,S,hs)
+    -> topk_logprobs (N,K), topk_ids (N,K) (sorted, ties by lower id, so column 0 is greedy's argmax),
+    alignment (N,S) = the cross-attention weighted by ``align_weights`` (zeros: none), new_kv (N,L,2,nh,hs):
+    this step's keys/values, which the caller writes at each row's position. Full logits never leave the graph.
     """
 
     def __init__(self, model: Translator, *, topk: int) -> None:
@@ -66,21 +66,15 @@ class SlotStepGraph(nn.Module):
         self.model, self.topk = model, topk
 
     def forward(
-        self,
-        tokens: Tensor,
-        positions: Tensor,
-        cache: Tensor,
-        cross_kv: Tensor,
-        src_mask: Tensor,
-        align_weights: Tensor,
+        self, tokens: Tensor, positions: Tensor, src_mask: Tensor, align_weights: Tensor, *kv: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        logprobs, kv, probs = self.model.step(tokens, positions, cache, cross_kv, src_mask)
+        layers = len(kv) // 4
+        cache = [(kv[2 * i], kv[2 * i + 1]) for i in range(layers)]
+        cross = [(kv[2 * layers + 2 * i], kv[2 * layers + 2 * i + 1]) for i in range(layers)]
+        logprobs, new_kv, probs = self.model.step(tokens, positions, cache, cross, src_mask)
         values, ids = torch.topk(logprobs, self.topk, dim=-1)
-        n, layers, two, heads, _, hs = cache.shape
-        index = positions.view(n, 1, 1, 1, 1, 1).expand(n, layers, two, heads, 1, hs)
-        cache_out = cache.scatter(4, index, kv.unsqueeze(4))
         alignment = torch.einsum("nlh,nlhs->ns", align_weights, probs)
-        return values, ids, cache_out, alignment
+        return values, ids, alignment, new_kv
 
 
 __all__ = ["PAD", "DecoderGraph", "EncoderGraph", "SlotStepGraph", "ViTGraph"]

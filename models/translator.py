@@ -83,15 +83,16 @@ class DecoderLayer(nn.Module):
 
 
     def step(
-        self, x: Tensor, cache: Tensor, valid: Tensor, cross: Tensor, src_mask: Tensor
+        self, x: Tensor, cache: tuple[Tensor, Tensor], valid: Tensor, cross: tuple[Tensor, Tensor], src_mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """One token per row: x (N, d), cache (N, 2, nh, C, hs), valid (N, C) bool, cross (N, 2, nh, S, hs)
-        -> x (N, d), this token's keys/values (N, 2, nh, hs), cross-attention probabilities (N, nh, S)."""
+        """One token per row: x (N, d), cache keys/values (N, nh, C, hs) each, valid (N, C) bool, cross
+        keys/values (N, nh, S, hs) each -> x (N, d), this token's keys/values (N, 2, nh, hs), cross-attention
+        probabilities (N, nh, S)."""
         h = self.norm_self(x)[:, None]  # (N, 1, d)
         k, v = self.self_attn.project_kv(h)  # (N, nh, 1, hs)
-        x = x + self.self_attn.attend_cached(h, cache[:, 0], cache[:, 1], valid, k, v)[:, 0]
+        x = x + self.self_attn.attend_cached(h, cache[0], cache[1], valid, k, v)[:, 0]
         h = self.norm_cross(x)[:, None]
-        a, probs = self.cross_attn(h, (cross[:, 0], cross[:, 1]), src_mask[:, None, None, :], return_attention=True)
+        a, probs = self.cross_attn(h, cross, src_mask[:, None, None, :], return_attention=True)
         x = x + a[:, 0]
         return x + self.ffn(self.norm_ffn(x)), torch.stack([k[:, :, 0], v[:, :, 0]], 1), probs[:, :, 0]
 
@@ -171,20 +172,27 @@ class Translator(nn.Module):
         return logits, torch.stack(present), torch.stack(attentions) if return_attention else None
 
     def step(
-        self, tokens: Tensor, positions: Tensor, cache: Tensor, cross: Tensor, src_mask: Tensor
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        cache: list[tuple[Tensor, Tensor]],
+        cross: list[tuple[Tensor, Tensor]],
+        src_mask: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One decoder step for independent rows at their own positions (the serving engine's slots).
 
-        tokens, positions (N,) int64; cache (N, L, 2, nh, C, hs): each row's self-attention keys/values at
-        positions < its own (later entries are ignored); cross (N, L, 2, nh, S, hs); src_mask (N, S) bool.
-        Returns log-probabilities (N, V), this step's keys/values (N, L, 2, nh, hs) and the cross-attention
-        probabilities (N, L, nh, S). A row's result depends only on that row: no padding, no shared length.
+        tokens, positions (N,) int64; cache: per layer, self-attention keys and values (N, nh, C, hs) holding
+        each row's positions < its own (later entries are ignored); cross: per layer, keys and values
+        (N, nh, S, hs); src_mask (N, S) bool. Per-layer tensors, not one stacked tensor: slicing a stacked
+        one copies it in the exported graph at every step. Returns log-probabilities (N, V), this step's
+        keys/values (N, L, 2, nh, hs) and the cross-attention probabilities (N, L, nh, S). A row's result
+        depends only on that row: no padding, no shared length.
         """
         x = self.embed(tokens) * self.scale + self.pos(positions)  # (N, d); eval only: no dropout
-        valid = torch.arange(cache.size(4), device=tokens.device)[None, :] < positions[:, None]  # (N, C)
+        valid = torch.arange(cache[0][0].size(2), device=tokens.device)[None, :] < positions[:, None]  # (N, C)
         new_kv, probs = [], []
         for i, layer in enumerate(self.decoder):
-            x, kv, p = layer.step(x, cache[:, i], valid, cross[:, i], src_mask)
+            x, kv, p = layer.step(x, cache[i], valid, cross[i], src_mask)
             new_kv.append(kv)
             probs.append(p)
         logits = self.decoder_norm(x) @ self.embed.weight.T

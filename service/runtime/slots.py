@@ -1,14 +1,15 @@
-"""The decode engine's per-replica state: fixed slot rows, their caches, and the bound decoder step.
+"""The decode engine's per-replica state: slot rows, their caches, and the bound decoder step.
 
-Rows ``[0, n)`` are the live slots, kept contiguous so every step feeds ``buffer[:n]`` without a copy. The
-self-attention cache and the cross-attention keys/values grow in capacity (doubling) only when a row needs
-more positions or a longer source, and shrink again when the long rows have gone: a step reads only as
-much cache as the longest live row needs, not the API's maximum.
+Rows ``[0, n)`` are the live slots, kept contiguous so every step feeds ``buffer[:n]`` without a copy. Each
+decoder layer has its own key and value buffers (rows, heads, capacity, head_dim) for the self-attention
+cache and for the cross-attention: slicing one stacked tensor inside the graph copied it at every step
+(measured: 28% of the step). Capacities grow by doubling only when a row needs more positions or a longer
+source, and shrink when the long rows have gone, so a step reads only as much cache as its longest row needs.
 
-The step runs through ONNX Runtime IO binding: inputs are bound from these buffers, ``cache_out`` is bound
-to the same memory as ``cache`` (the graph's scatter writes each row's new keys/values in place), and only
-the top-k ids and scores (and the requested alignment rows) come back. On the CPU provider host memory is
-the device. (A CUDA version of these buffers, as OrtValues on the GPU, is not written yet.)
+The step runs through ONNX Runtime IO binding straight from these buffers (no copies in or out); it returns
+the top-k ids and scores, the requested alignment rows and this step's keys/values, which `write_step` puts
+at each row's position. On the CPU provider host memory is the device. (A CUDA version of these buffers, as
+OrtValues on the GPU with the cache write done on the device, is not written yet.)
 """
 
 from __future__ import annotations
@@ -41,45 +42,41 @@ class SlotBuffers:
                  topk: int) -> None:
         self.layers, self.heads, self.head_dim = layers, heads, head_dim
         self.max_positions, self.max_source, self.topk = max_positions, max_source, topk
-        self.rows = 0
-        self.cache = self.cross = np.zeros((0, layers, 2, heads, MIN_CAPACITY, head_dim), np.float32)
-        self.src_mask = np.zeros((0, MIN_CAPACITY), bool)
+        self.rows, self.cache_len, self.src_len = 0, MIN_CAPACITY, MIN_CAPACITY
+        self.cache: list[np.ndarray] = []  # k0, v0, k1, v1, ...: (rows, nh, cache_len, hs)
+        self.cross: list[np.ndarray] = []  # k0, v0, k1, v1, ...: (rows, nh, src_len, hs)
         self._alloc(min(rows, MIN_CAPACITY), 0, MIN_CAPACITY, MIN_CAPACITY)
 
     def _alloc(self, rows: int, keep: int, cache_len: int, src_len: int) -> None:
         """(Re)allocate every buffer for ``rows`` rows and the given capacities, keeping rows [0, keep)."""
-        old = self.__dict__.copy()
-        self.rows = rows
+        old = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray | list)}
+        self.rows, self.cache_len, self.src_len = rows, cache_len, src_len
         self.tokens = np.zeros(rows, np.int64)
         self.positions = np.zeros(rows, np.int64)
         self.align_weights = np.zeros((rows, self.layers, self.heads), np.float32)
+        self.src_mask = np.zeros((rows, src_len), bool)
         self.out_logprobs = np.zeros((rows, self.topk), np.float32)
         self.out_ids = np.zeros((rows, self.topk), np.int64)
-        self.cache = self._kv(rows, cache_len)
-        self.cross = self._kv(rows, src_len)
-        self.src_mask = np.zeros((rows, src_len), bool)
         self.out_alignment = np.zeros((rows, src_len), np.float32)
+        self.out_kv = np.zeros((rows, self.layers, 2, self.heads, self.head_dim), np.float32)
+        self.cache = [self._kv(rows, cache_len) for _ in range(2 * self.layers)]
+        self.cross = [self._kv(rows, src_len) for _ in range(2 * self.layers)]
         if keep:
             for name in ("tokens", "positions", "align_weights"):
                 getattr(self, name)[:keep] = old[name][:keep]
-            c, s = min(cache_len, old["cache"].shape[4]), min(src_len, old["cross"].shape[4])
-            self.cache[:keep, ..., :c, :] = old["cache"][:keep, ..., :c, :]
-            self.cross[:keep, ..., :s, :] = old["cross"][:keep, ..., :s, :]
+            s = min(src_len, old["src_mask"].shape[1])
             self.src_mask[:keep, :s] = old["src_mask"][:keep, :s]
+            for new, prev in zip(self.cache, old["cache"], strict=True):
+                c = min(cache_len, prev.shape[2])
+                new[:keep, :, :c] = prev[:keep, :, :c]
+            for new, prev in zip(self.cross, old["cross"], strict=True):
+                new[:keep, :, :s] = prev[:keep, :, :s]
 
     def _kv(self, rows: int, length: int) -> np.ndarray:
-        return np.zeros((rows, self.layers, 2, self.heads, length, self.head_dim), np.float32)
-
-    @property
-    def cache_len(self) -> int:
-        return self.cache.shape[4]
-
-    @property
-    def src_len(self) -> int:
-        return self.cross.shape[4]
+        return np.zeros((rows, self.heads, length, self.head_dim), np.float32)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.cache, self.cross, self.src_mask, self.out_alignment))
+        return sum(a.nbytes for a in (*self.cache, *self.cross))
 
     def fit(self, n: int, rows_needed: int, positions_needed: int, source_needed: int) -> None:
         """Resize rows, cache and cross capacity to what the live rows need, keeping live rows ``[0, n)``."""
@@ -98,22 +95,32 @@ class SlotBuffers:
         return capacity
 
     def write_source(self, row: int, cross: np.ndarray, length: int) -> None:
-        """cross (L, 2, nh, S', hs) of one source with ``length`` real tokens into ``row``."""
-        self.cross[row, ..., :length, :] = cross[..., :length, :]
+        """cross (L, 2, nh, S', hs) of one source (the encoder's layout) with ``length`` real tokens into ``row``."""
+        for i, buf in enumerate(self.cross):
+            buf[row, :, :length] = cross[i // 2, i % 2, :, :length]
         self.src_mask[row] = False
         self.src_mask[row, :length] = True
+
+    def write_step(self, n: int) -> None:
+        """This step's keys/values (``out_kv``) into each live row's cache at that row's position."""
+        rows, pos = np.arange(n), self.positions[:n]
+        for i, buf in enumerate(self.cache):
+            buf[rows, :, pos] = self.out_kv[:n, i // 2, i % 2]  # (n, nh, hs)
 
     def move(self, dst: np.ndarray, src: np.ndarray, positions: int) -> None:
         """Rows ``src`` -> rows ``dst`` (all state; the cache up to ``positions``). Sources are read first."""
         if len(dst) == 0:
             return
-        self.cache[dst, ..., :positions, :] = self.cache[src, ..., :positions, :]
-        for a in (self.cross, self.src_mask, self.tokens, self.positions, self.align_weights):
+        self.copy_cache(dst, src, positions)
+        for buf in self.cross:
+            buf[dst] = buf[src]
+        for a in (self.src_mask, self.tokens, self.positions, self.align_weights):
             a[dst] = a[src]
 
     def copy_cache(self, dst: np.ndarray, src: np.ndarray, positions: int) -> None:
         """Beam reordering: the self-attention cache of rows ``src`` into rows ``dst`` (fancy reads copy first)."""
-        self.cache[dst, ..., :positions, :] = self.cache[src, ..., :positions, :]
+        for buf in self.cache:
+            buf[dst, :, :positions] = buf[src, :, :positions]
 
 
 class SlotStep:
@@ -127,17 +134,20 @@ class SlotStep:
         b, io = self.b, self.binding
         io.clear_binding_inputs()
         io.clear_binding_outputs()
-        self._bind(io.bind_input, "tokens", b.tokens[:n])
-        self._bind(io.bind_input, "positions", b.positions[:n])
-        self._bind(io.bind_input, "cache", b.cache[:n])
-        self._bind(io.bind_input, "cross_kv", b.cross[:n])
-        self._bind(io.bind_input, "src_mask", b.src_mask[:n])
-        self._bind(io.bind_input, "align_weights", b.align_weights[:n])
-        self._bind(io.bind_output, "cache_out", b.cache[:n])  # same memory as "cache": updated in place
-        self._bind(io.bind_output, "topk_logprobs", b.out_logprobs[:n])
-        self._bind(io.bind_output, "topk_ids", b.out_ids[:n])
-        self._bind(io.bind_output, "alignment", b.out_alignment[:n])
+        inputs = {"tokens": b.tokens, "positions": b.positions, "src_mask": b.src_mask,
+                  "align_weights": b.align_weights}
+        for i in range(b.layers):
+            for j, kv in enumerate("kv"):
+                inputs[f"cache_{kv}{i}"] = b.cache[2 * i + j]
+                inputs[f"cross_{kv}{i}"] = b.cross[2 * i + j]
+        for name, a in inputs.items():
+            self._bind(io.bind_input, name, a[:n])
+        outputs = {"topk_logprobs": b.out_logprobs, "topk_ids": b.out_ids, "alignment": b.out_alignment,
+                   "new_kv": b.out_kv}
+        for name, a in outputs.items():
+            self._bind(io.bind_output, name, a[:n])
         self.session.run_with_iobinding(io)
+        b.write_step(n)
         return StepOutput(b.out_logprobs[:n], b.out_ids[:n], b.out_alignment[:n])
 
     @staticmethod
