@@ -40,6 +40,17 @@ tools:
 	    (systemctl disable --now prometheus || service prometheus stop) >/dev/null 2>&1 || true; \
 	  else echo "promtool not on PATH and not root: tests/deploy Prometheus tests will skip (apt-get install prometheus)"; \
 	  fi; }
+	@# Chromium (driven by Playwright for tests/service/test_demo_browser.py; Playwright's own browser download is
+	@# not used) and DejaVu Sans (the font service/pictures.py draws labels with, accents and ¿¡ included).
+	@{ command -v chromium >/dev/null 2>&1 && [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and fonts-dejavu-core (apt-get) for the demo browser test and the pictures"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium fonts-dejavu-core >/dev/null) \
+	      || echo "apt-get install chromium fonts-dejavu-core failed: the browser test will skip"; \
+	  else echo "chromium not on PATH and not root: tests/service/test_demo_browser.py will skip" \
+	    "(apt-get install chromium fonts-dejavu-core)"; \
+	  fi; }
 
 # Serving plus the exporter (the service exports missing artifacts in a subprocess; torch never enters it).
 $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python

@@ -8,11 +8,10 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from service import classify, translate
+from service import classify, demo, translate
 from service.config import AppArgs
 from service.errors import NotReady
 from service.http import RouteSettings, make_api
@@ -21,10 +20,11 @@ from service.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, Models
 # The Serve application names of the model apps, as in deploy/serve_config.yaml.
 MODEL_APPS = {"translator": translate, "classifier": classify}
 PROBE_TIMEOUT_S = 2.0
-route = RouteSettings("/", paths=frozenset({"/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}),
+route = RouteSettings("/", paths=frozenset({"/", "/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}),
                       media_types=())  # GET only: a POST is a 405 from the router
 api = make_api("attnserve", route)  # /docs and /openapi.json are explicit routes below
 api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
+demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/demo.py
 
 
 def merged_openapi() -> dict[str, Any]:
@@ -89,5 +89,5 @@ class Api:
 
     @api.get("/docs", include_in_schema=False)
     async def docs(self) -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url="/openapi.json", title="attnserve API")
+        return demo.docs_page()  # Swagger UI from local files: no CDN
 

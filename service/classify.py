@@ -13,6 +13,7 @@ from ray import serve
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from service import pictures
 from service.errors import InvalidRequest, LimitExceeded
 from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.preprocess import decode_base64, to_model_input
@@ -67,7 +68,8 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 }}}
 RESPONSES = {**ERROR_RESPONSES, 400: {**ERROR_RESPONSES[422], "description": (
     "an image is not base64, not a PNG or JPEG, or cannot be decoded (`bad_image`), or has more pixels than "
-    "the limit (`image_too_large`)")}}
+    "the limit (`image_too_large`)")}, 200: {"description": "The predictions; with `Accept: image/png` and one "
+    "image, the image with its attention rollout overlaid (service/pictures.py).", "content": pictures.PNG_CONTENT}}
 
 
 @dataclass
@@ -115,10 +117,12 @@ class Classifier(ModelReplica):
             raws = [decode_base64(b, field=f"images[{i}]", max_bytes=self.limits.max_image_bytes)
                     for i, b in enumerate(req.images)]
             top_k, attn = req.top_k, req.return_attention
+        png = pictures.negotiate(request.headers.get("accept"), len(raws), field="images")
         images = np.stack([await self.decode(raw, i) for i, raw in enumerate(raws)])
-        out = await self.gate.run(self.run_batch(Job(images, attn)), self.gate.deadline(request))
-        return ClassifyResponse(model=self.rt.name, version=self.rt.version,
+        out = await self.gate.run(self.run_batch(Job(images, attn or png)), self.gate.deadline(request))
+        resp = ClassifyResponse(model=self.rt.name, version=self.rt.version,
                                 predictions=[self.encode(out, i, top_k) for i in range(len(images))])
+        return await pictures.overlay_response(raws[0], resp, out.rollout[0]) if png else resp
 
     async def read_multipart(self, request: Request) -> tuple[list[bytes], int, bool]:
         form = await self.parse_multipart(request)

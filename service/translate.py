@@ -17,6 +17,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from ray import serve
 
+from service import pictures
 from service.config import EngineConfig
 from service.engine_loop import EngineLoop
 from service.errors import (
@@ -38,8 +39,9 @@ from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Tra
 ROUTE = "/v1/translate"
 route = RouteSettings(ROUTE)
 api = make_api("attnserve translator", route)
-STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`, Server-Sent Events instead.",
-                          "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`, Server-Sent Events instead; with "
+                          "`Accept: image/png` and one text, its alignment heatmap (service/pictures.py).",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}, **pictures.PNG_CONTENT}}}
 
 
 def encode(r: TranslationResult, with_attention: bool) -> Translation:
@@ -146,6 +148,9 @@ class Translator(ModelReplica):
               summary="Translate English to Spanish")
     async def translate(self, req: TranslateRequest, request: Request) -> Any:
         self.check_limits(req)
+        png = pictures.negotiate(request.headers.get("accept"), len(req.texts), field="texts", stream=req.stream)
+        if png:
+            req = req.model_copy(update={"return_attention": True})
         timeout_s = self.gate.deadline(request)
         deadline = time.monotonic() + timeout_s  # the engine's clock (an event loop's may differ: uvloop)
         if req.stream:
@@ -156,6 +161,8 @@ class Translator(ModelReplica):
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         job = Job(self.rt, req, asyncio.get_running_loop(), deadline)
         results = await self.gate.run(self._run(job), timeout_s)
+        if png:
+            return await pictures.alignment_response(self._response(req, results))
         return self._response(req, results)
 
     def _response(self, req: TranslateRequest, results: list[TranslationResult]) -> TranslateResponse:

@@ -1,0 +1,279 @@
+// The attnserve demo: calls the public API from the browser. No libraries, nothing loaded from elsewhere.
+"use strict";
+
+const SAMPLES = ["ankle-boot", "trouser", "dress", "sandal", "bag", "tshirt"];
+// viridis at 9 stops, as service/pictures.py draws it
+const VIRIDIS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
+  [92, 200, 99], [170, 220, 50], [253, 231, 37]];
+const $ = (id) => document.getElementById(id);
+
+function colour(x) {
+  const pos = Math.min(Math.max(x, 0), 1) * (VIRIDIS.length - 1);
+  const i = Math.min(Math.floor(pos), VIRIDIS.length - 2), t = pos - i;
+  const c = VIRIDIS[i].map((v, k) => Math.round(v * (1 - t) + VIRIDIS[i + 1][k] * t));
+  return `rgb(${c[0]},${c[1]},${c[2]})`;
+}
+
+function percentile(sorted, p) { // linear interpolation, as numpy.percentile
+  if (!sorted.length) return 0;
+  const r = (p / 100) * (sorted.length - 1), lo = Math.floor(r), hi = Math.ceil(r);
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (r - lo);
+}
+
+function stretcher(rows) { // percentile stretch p2-p98 over the whole map
+  const all = rows.flat().slice().sort((a, b) => a - b);
+  const lo = percentile(all, 2), hi = percentile(all, 98);
+  return (v) => (hi > lo ? Math.min(Math.max((v - lo) / (hi - lo), 0), 1) : 0);
+}
+
+function readable(piece) { // as service/pictures.py: drop the word-start mark, mark word-internal pieces
+  if (piece.startsWith("\u2581")) return piece.slice(1) || "\u2423";
+  if (/^\p{P}+$/u.test(piece)) return piece;
+  return "\u00b7" + piece;
+}
+
+async function apiError(response) { // the API's {"error": {code, message, field}}, or what came instead
+  const text = await response.text();
+  try {
+    const e = JSON.parse(text).error;
+    return `${response.status} ${e.code}: ${e.message}` + (e.field ? ` (field: ${e.field})` : "");
+  } catch (_) {
+    return `${response.status} ${response.statusText}: ${text.slice(0, 300)}`;
+  }
+}
+
+function showError(id, message) {
+  const el = $(id);
+  el.textContent = message || "";
+  el.classList.toggle("hidden", !message);
+}
+
+// ---- models ---------------------------------------------------------------------------------------------
+async function loadModels() {
+  try {
+    const r = await fetch("/v1/models");
+    if (!r.ok) throw new Error(await apiError(r));
+    const body = await r.json();
+    $("models").innerHTML = "";
+    for (const m of body.models) {
+      const span = document.createElement("span");
+      span.className = "model";
+      span.innerHTML = "<b></b> ";
+      span.firstChild.textContent = m.name;
+      span.append(`${m.version} · ${m.precision} · ${m.device} · ${m.route}   `);
+      $("models").append(span);
+    }
+  } catch (e) {
+    $("models").textContent = `models not available: ${e.message}`;
+  }
+}
+
+// ---- translation ----------------------------------------------------------------------------------------
+let current = null; // {source_tokens, target_tokens, weights} of the last translation
+let pinned = -1;
+
+function renderHeatmap(att) {
+  current = att;
+  pinned = -1;
+  const box = $("heatmap");
+  box.innerHTML = "";
+  if (!att || !att.weights.length) return;
+  const scale = stretcher(att.weights);
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  head.append(document.createElement("th"));
+  att.source_tokens.forEach((tok, j) => {
+    const th = document.createElement("th");
+    const span = document.createElement("span");
+    span.textContent = readable(tok);
+    span.dataset.index = j;
+    th.append(span);
+    head.append(th);
+  });
+  const body = table.createTBody();
+  att.target_tokens.forEach((tok, i) => {
+    const row = body.insertRow();
+    row.dataset.index = i;
+    const th = document.createElement("th");
+    th.textContent = readable(tok);
+    row.append(th);
+    (att.weights[i] || []).forEach((w) => {
+      const td = row.insertCell();
+      td.style.background = colour(scale(w));
+      td.title = w.toFixed(3);
+    });
+    row.addEventListener("mouseenter", () => highlight(i));
+    row.addEventListener("mouseleave", () => highlight(pinned));
+    row.addEventListener("click", () => { pinned = pinned === i ? -1 : i; highlight(pinned); });
+  });
+  box.append(table);
+}
+
+function highlight(i) { // light up the source tokens target token i attended to
+  const box = $("heatmap");
+  box.querySelectorAll("tbody tr").forEach((tr) => {
+    tr.classList.toggle("active", Number(tr.dataset.index) === i);
+    tr.classList.toggle("pinned", Number(tr.dataset.index) === pinned);
+  });
+  const spans = box.querySelectorAll("thead span");
+  const row = current && i >= 0 ? current.weights[i] || [] : [];
+  const top = Math.max(0, ...row);
+  spans.forEach((span, j) => {
+    const w = row[j];
+    span.classList.toggle("lit", w !== undefined && w >= 0.5 * top && top > 0);
+    span.style.background = w === undefined ? "" : `rgba(255, 183, 3, ${Math.min(1, w / (top || 1))})`;
+    span.title = w === undefined ? "" : `weight ${w.toFixed(3)}`;
+  });
+}
+
+function parseEvents(buffer, onEvent) { // Server-Sent Events: "event: x\ndata: {...}\n\n"; returns the rest
+  let cut;
+  while ((cut = buffer.indexOf("\n\n")) >= 0) {
+    const block = buffer.slice(0, cut);
+    buffer = buffer.slice(cut + 2);
+    let event = "message", data = "";
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) event = line.slice(6).trim();
+      else if (line.startsWith("data:")) data += line.slice(5).trim();
+    }
+    onEvent(event, data ? JSON.parse(data) : null);
+  }
+  return buffer;
+}
+
+async function translate(ev) {
+  ev.preventDefault();
+  const text = $("source").value;
+  const beam = Number($("beam").value), stream = $("stream").checked;
+  const body = { texts: [text], beam_size: beam, return_attention: true, stream };
+  showError("translate-error", "");
+  $("translation").textContent = "";
+  $("alignment-img").classList.add("hidden");
+  $("alignment-png").classList.add("hidden");
+  renderHeatmap(null);
+  $("translate-btn").disabled = true;
+  const t0 = performance.now();
+  let first = null;
+  try {
+    const r = await fetch("/v1/translate", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(body) });
+    if (!r.ok) throw new Error(await apiError(r));
+    let result;
+    if (stream) {
+      const rows = [], tokens = [];
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer = parseEvents(buffer + value, (event, data) => {
+          if (event === "token") {
+            first = first ?? performance.now() - t0;
+            $("translation").textContent = data.text;
+            tokens.push(data.token);
+            if (data.alignment) {
+              rows.push(data.alignment);
+              renderHeatmap({ source_tokens: data.alignment.map(() => ""), target_tokens: tokens, weights: rows });
+            }
+          } else if (event === "done") result = data;
+          else if (event === "error") throw new Error(`${data.error.code}: ${data.error.message}`);
+        });
+      }
+      if (!result) throw new Error("the stream ended without a done event");
+    } else {
+      result = await r.json();
+    }
+    const t = result.translations[0];
+    $("translation").textContent = t.text;
+    renderHeatmap(t.attention);
+    $("alignment-png").classList.remove("hidden");
+    const ms = performance.now() - t0;
+    $("translate-latency").textContent = (first !== null ? `first token ${first.toFixed(0)} ms, ` : "") +
+      `${ms.toFixed(0)} ms · ${result.model} ${result.version}`;
+  } catch (e) {
+    showError("translate-error", e.message);
+    $("translate-latency").textContent = "";
+  } finally {
+    $("translate-btn").disabled = false;
+  }
+}
+
+async function alignmentPng(ev) { // the same alignment drawn by the API (Accept: image/png)
+  ev.preventDefault();
+  const body = { texts: [$("source").value], beam_size: Number($("beam").value) };
+  const r = await fetch("/v1/translate", { method: "POST", body: JSON.stringify(body),
+    headers: { "Content-Type": "application/json", Accept: "image/png" } });
+  if (!r.ok) return showError("translate-error", await apiError(r));
+  const img = $("alignment-img");
+  img.src = URL.createObjectURL(await r.blob());
+  img.classList.remove("hidden");
+}
+
+// ---- classification -------------------------------------------------------------------------------------
+async function classify(file) {
+  showError("classify-error", "");
+  $("topk").innerHTML = "";
+  $("overlay").classList.add("hidden");
+  $("classify-latency").textContent = "classifying…";
+  const form = () => {
+    const f = new FormData();
+    f.append("images", file, file.name || "image.png");
+    f.append("top_k", "5");
+    return f;
+  };
+  const t0 = performance.now();
+  try {
+    const [json, png] = await Promise.all([
+      fetch("/v1/classify", { method: "POST", body: form() }),
+      fetch("/v1/classify", { method: "POST", body: form(), headers: { Accept: "image/png" } }),
+    ]);
+    if (!json.ok) throw new Error(await apiError(json));
+    const result = await json.json();
+    for (const { label, score } of result.predictions[0].top_k) {
+      const li = document.createElement("li");
+      li.innerHTML = '<span class="label"></span><span class="bar"></span><span class="score"></span>';
+      li.children[0].textContent = label;
+      li.children[1].style.width = `${Math.max(1, score * 100)}%`;
+      li.children[2].textContent = `${(score * 100).toFixed(1)}%`;
+      $("topk").append(li);
+    }
+    $("classify-latency").textContent = `${(performance.now() - t0).toFixed(0)} ms · ${result.model} ` +
+      result.version;
+    if (!png.ok) throw new Error(await apiError(png));
+    $("overlay").src = URL.createObjectURL(await png.blob());
+    $("overlay").classList.remove("hidden");
+  } catch (e) {
+    showError("classify-error", e.message);
+    if (!$("topk").children.length) $("classify-latency").textContent = "";
+  }
+}
+
+function setupClassify() {
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]);
+  });
+  $("file").addEventListener("change", (e) => { if (e.target.files.length) classify(e.target.files[0]); });
+  for (const name of SAMPLES) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.title = name;
+    button.dataset.sample = name;
+    button.innerHTML = `<img src="/static/samples/${name}.png" alt="${name}">`;
+    button.addEventListener("click", async () => {
+      document.querySelectorAll(".samples button").forEach((b) => b.classList.toggle("chosen", b === button));
+      const blob = await (await fetch(`/static/samples/${name}.png`)).blob();
+      classify(new File([blob], `${name}.png`, { type: "image/png" }));
+    });
+    $("samples").append(button);
+  }
+}
+
+$("translate-form").addEventListener("submit", translate);
+$("alignment-png").addEventListener("click", alignmentPng);
+setupClassify();
+loadModels();

@@ -1,0 +1,104 @@
+"""The web demo at "/" in a real headless browser (Debian's chromium driven by Playwright) against the live app.
+
+Screenshots go to test-output/ (git-ignored). Skips, saying why, without Playwright or a chromium binary
+(`make tools` installs chromium as root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "test-output"
+SAMPLE = REPO / "service" / "static" / "samples" / "ankle-boot.png"
+
+
+def chromium_path() -> str | None:
+    for candidate in (os.environ.get("ATTNSERVE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def page(service):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install .[dev])")
+    exe = chromium_path()
+    if exe is None:
+        pytest.skip("no chromium on PATH: `make tools` as root installs it (apt-get install chromium)")
+    OUT.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=service.base)
+        external: list[str] = []
+        context.on("request", lambda r: r.url.startswith(service.base) or r.url.startswith(("data:", "blob:"))
+                   or external.append(r.url))
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.external_requests = external  # type: ignore[attr-defined]
+        yield pg
+        browser.close()
+
+
+def test_translate_streams_and_highlights(page):
+    page.goto("/")
+    page.wait_for_selector("#models .model")
+    assert "translator-en-es" in page.inner_text("#models") and "vit-fashion" in page.inner_text("#models")
+    page.fill("#source", "Where is the train station?")
+    page.check("#stream")
+    page.click("#translate-btn")
+    page.wait_for_selector("#heatmap thead span:not(:empty)")  # the done event brings the source tokens
+    page.wait_for_function("document.querySelector('#translate-latency').textContent.includes('ms')")
+    translation = page.inner_text("#translation")
+    assert re.search(r"estaci[oó]n", translation), translation
+    sources = page.locator("#heatmap thead span").all_inner_texts()
+    assert "station" in sources
+    rows = page.locator("#heatmap tbody tr")
+    assert rows.count() >= 3
+    # Hover the target token for "estación": its row lights up and so does the source token it attended to most.
+    row = page.locator("#heatmap tbody tr", has=page.locator("th", has_text=re.compile("estaci")))
+    row.first.hover()
+    assert "active" in (row.first.get_attribute("class") or "")
+    lit = page.locator("#heatmap thead span.lit").all_inner_texts()
+    assert lit, "no source token highlighted"
+    page.screenshot(path=str(OUT / "demo-translate.png"), full_page=True)
+    # The same alignment drawn by the API (Accept: image/png).
+    page.click("#alignment-png")
+    page.wait_for_function("document.querySelector('#alignment-img').naturalWidth > 0")
+
+
+def test_translate_errors_are_the_apis_messages(page):
+    page.goto("/")
+    page.fill("#source", "word " * 250)  # over every configured character limit
+    page.click("#translate-btn")
+    page.wait_for_selector("#translate-error:not(.hidden)")
+    text = page.inner_text("#translate-error")
+    assert "limit_exceeded" in text and "texts[0]" in text, text
+
+
+def test_classify_upload_and_sample(page):
+    page.goto("/")
+    page.set_input_files("#file", str(SAMPLE))
+    page.wait_for_selector("#topk li")
+    page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0")
+    labels = page.locator("#topk .label").all_inner_texts()
+    assert len(labels) == 5 and labels[0] == "Ankle boot", labels
+    assert "ms" in page.inner_text("#classify-latency")
+    page.click("[data-sample=trouser]")
+    page.wait_for_function("document.querySelector('#topk .label')?.textContent === 'Trouser'")
+    page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0")
+    page.screenshot(path=str(OUT / "demo-classify.png"), full_page=True)
+
+
+def test_docs_load_offline(page):
+    page.goto("/docs")
+    page.wait_for_selector(".swagger-ui .opblock")
+    assert "/v1/translate" in page.inner_text(".swagger-ui")
+    page.screenshot(path=str(OUT / "docs.png"))
+    assert page.external_requests == [], page.external_requests
