@@ -1,0 +1,181 @@
+"""A small typed client for a running attnserve, and the `attnserve translate` / `attnserve classify` commands.
+
+The server's URL is `--url`, else $ATTNSERVE_URL, else http://127.0.0.1:8000; a token (`--token` or
+$ATTNSERVE_TOKEN) is sent as `Authorization: Bearer ...`. A 503 (queue full, not ready) is retried after its
+Retry-After, and a connection that could not be opened is retried with backoff: both a bounded number of times,
+and both are safe for a POST (the server did no work). Any other error raises `ApiError` with the API's code and
+message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.schemas import ClassifyResponse, ModelsResponse, TranslateResponse
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+MAX_RETRY_AFTER_S = 30.0
+
+
+class ApiError(Exception):
+    """An error answer of the API (`{"error": {"code", "message", "field"}}`), or a transport failure."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (field: {field})" if field else ""))
+        self.status, self.code, self.message, self.field = status, code, message, field
+
+    @classmethod
+    def from_response(cls, r: httpx.Response) -> ApiError:
+        try:
+            e = r.json()["error"]
+            return cls(r.status_code, e["code"], e["message"], e.get("field"))
+        except Exception:  # not the API's format (a proxy, Serve's own plain-text 503)
+            return cls(r.status_code, f"http_{r.status_code}", r.text[:500] or r.reason_phrase)
+
+
+class Client:
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout_s: float = 120.0,
+                 retries: int = 4, backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        self.url = (url or os.environ.get("ATTNSERVE_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("ATTNSERVE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retries, self.backoff_s = retries, backoff_s
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One call, retried on 503 (after Retry-After) and on connection failures; other errors raise ApiError."""
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                r = self.http.request(method, path, **kw)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+                if last:
+                    raise ApiError(0, "connection_failed", f"cannot reach {self.url}: {e}") from None
+                time.sleep(self.backoff_s * 2**attempt)
+                continue
+            if r.status_code == 503 and not last:
+                time.sleep(self._retry_after(r, attempt))
+                continue
+            if r.status_code >= 400:
+                raise ApiError.from_response(r)
+            return r
+        raise AssertionError("unreachable")
+
+    def _retry_after(self, r: httpx.Response, attempt: int) -> float:
+        try:
+            return min(max(float(r.headers["retry-after"]), 0.0), MAX_RETRY_AFTER_S)
+        except (KeyError, ValueError):
+            return self.backoff_s * 2**attempt
+
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate_json(self.request("GET", "/v1/models").content)
+
+    def translate(self, texts: list[str], *, beam_size: int = 1, return_attention: bool = False,
+                  max_new_tokens: int | None = None) -> TranslateResponse:
+        body: dict[str, Any] = {"texts": texts, "beam_size": beam_size, "return_attention": return_attention}
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
+        return TranslateResponse.model_validate_json(self.request("POST", "/v1/translate", json=body).content)
+
+    def translate_png(self, text: str, *, beam_size: int = 1) -> bytes:
+        """The alignment heatmap of one text, drawn by the server."""
+        r = self.request("POST", "/v1/translate", json={"texts": [text], "beam_size": beam_size},
+                         headers={"Accept": "image/png"})
+        return r.content
+
+    def classify(self, images: list[bytes], *, top_k: int = 3, return_attention: bool = False) -> ClassifyResponse:
+        body = {"images": [base64.b64encode(i).decode() for i in images], "top_k": top_k,
+                "return_attention": return_attention}
+        return ClassifyResponse.model_validate_json(self.request("POST", "/v1/classify", json=body).content)
+
+    def classify_png(self, image: bytes) -> bytes:
+        """The image with its attention rollout overlaid, drawn by the server."""
+        body = {"images": [base64.b64encode(image).decode()]}
+        return self.request("POST", "/v1/classify", json=body, headers={"Accept": "image/png"}).content
+
+
+# --- the commands ----------------------------------------------------------------------------------------------
+
+def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--url", help=f"server URL (default $ATTNSERVE_URL or {DEFAULT_URL})")
+    p.add_argument("--token", help="bearer token (default $ATTNSERVE_TOKEN)")
+    p.add_argument("--png", type=Path, metavar="OUT.png", help="also write the server's attention picture here")
+    return p
+
+
+def _run(fn) -> None:
+    try:
+        fn()
+    except ApiError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def translate_main(argv: list[str] | None = None) -> None:
+    p = _parser("attnserve translate", "Translate English to Spanish with a running attnserve.")
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
+    p.add_argument("--attention", action="store_true", help="print each target token's most attended source token")
+    args = p.parse_args(argv)
+    if args.png and len(args.texts) != 1:
+        p.error("--png draws one text: give one TEXT")
+
+    def go() -> None:
+        with Client(args.url, args.token) as c:
+            resp = c.translate(args.texts, beam_size=args.beam, return_attention=args.attention)
+            for t in resp.translations:
+                print(t.text)
+                if t.attention is not None:
+                    a = t.attention
+                    for tgt, row in zip(a.target_tokens, a.weights, strict=True):
+                        j = max(range(len(row)), key=row.__getitem__) if row else None
+                        src = "-" if j is None else f"{a.source_tokens[j]} ({row[j]:.2f})"
+                        print(f"  {tgt:>16} <- {src}")
+            if args.png:
+                args.png.write_bytes(c.translate_png(args.texts[0], beam_size=args.beam))
+                print(f"wrote {args.png}", file=sys.stderr)
+
+    _run(go)
+
+
+def classify_main(argv: list[str] | None = None) -> None:
+    p = _parser("attnserve classify", "Classify PNG/JPEG images with a running attnserve (Fashion-MNIST ViT).")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--top-k", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.png and len(args.images) != 1:
+        p.error("--png draws one image: give one IMAGE")
+    missing = [str(i) for i in args.images if not i.is_file()]
+    if missing:
+        p.error(f"no such file: {', '.join(missing)}")
+
+    def go() -> None:
+        data = [i.read_bytes() for i in args.images]
+        with Client(args.url, args.token) as c:
+            resp = c.classify(data, top_k=args.top_k)
+            for path, pred in zip(args.images, resp.predictions, strict=True):
+                others = ", ".join(f"{s.label} {s.score:.1%}" for s in pred.top_k[1:])
+                print(f"{path}: {pred.label} {pred.score:.1%}" + (f"  ({others})" if others else ""))
+            if args.png:
+                args.png.write_bytes(c.classify_png(data[0]))
+                print(f"wrote {args.png}", file=sys.stderr)
+
+    _run(go)

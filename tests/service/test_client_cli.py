@@ -1,0 +1,82 @@
+"""service/client.py and `attnserve translate` / `attnserve classify` against the live app."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.client import ApiError, Client
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "service" / "static" / "samples" / "ankle-boot.png"
+
+
+def cli(*args: str, url: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args, "--url", url], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_client_translate_classify_and_pictures(service):
+    with Client(service.base) as c:
+        assert {m.name for m in c.models().models} == {"translator-en-es", "vit-fashion"}
+        t = c.translate(["Where is the train station?"], return_attention=True).translations[0]
+        assert "estación" in t.text and t.attention is not None
+        png = Image.open(io.BytesIO(c.translate_png("Where is the train station?")))
+        assert png.format == "PNG" and png.width > 100
+        pred = c.classify([SAMPLE.read_bytes()], top_k=2).predictions[0]
+        assert pred.label == "Ankle boot" and len(pred.top_k) == 2
+        assert Image.open(io.BytesIO(c.classify_png(SAMPLE.read_bytes()))).format == "PNG"
+        with pytest.raises(ApiError) as e:
+            c.translate([])
+        assert e.value.status == 422 and e.value.code == "invalid_request"
+
+
+def test_client_retries_503_then_gives_up():
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("authorization"))
+        if len(calls) < 3:
+            return httpx.Response(503, headers={"Retry-After": "0"},
+                                  json={"error": {"code": "overloaded", "message": "busy"}})
+        return httpx.Response(200, json={"models": [], "limits": {k: 1 for k in (
+            "max_texts", "max_text_chars", "max_source_tokens", "max_images", "max_image_bytes", "max_image_pixels",
+            "max_body_bytes")}})
+
+    with Client("http://test", token="s3cret", transport=httpx.MockTransport(handler)) as c:
+        assert c.models().models == []
+    assert calls == ["Bearer s3cret"] * 3
+    with Client("http://test", retries=1, transport=httpx.MockTransport(
+            lambda r: httpx.Response(503, headers={"Retry-After": "0"},
+                                     json={"error": {"code": "overloaded", "message": "busy"}}))) as c:
+        with pytest.raises(ApiError, match="overloaded"):
+            c.models()
+
+
+def test_client_connection_errors_are_bounded():
+    with Client("http://127.0.0.1:9", retries=2, backoff_s=0.01) as c:
+        with pytest.raises(ApiError) as e:
+            c.models()
+    assert e.value.code == "connection_failed"
+
+
+def test_cli_translate_and_classify(service, tmp_path):
+    out = cli("translate", "Where is the train station?", "--attention", "--png", str(tmp_path / "a.png"),
+              url=service.base)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "estación" in lines[0] and any("<-" in line for line in lines[1:])
+    assert Image.open(tmp_path / "a.png").format == "PNG"
+    out = cli("classify", str(SAMPLE), "--png", str(tmp_path / "o.png"), url=service.base)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"{SAMPLE}: Ankle boot")
+    assert Image.open(tmp_path / "o.png").format == "PNG"
+    bad = cli("translate", "x" * 2000, url=service.base)
+    assert bad.returncode == 1 and "limit_exceeded" in bad.stderr
