@@ -20,8 +20,6 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("serve",): ("service.serve:main", "start Ray and the Serve app, print URLs"),
     ("translate",): ("service.client:translate_main", "translate with a running server (--attention, --png)"),
     ("classify",): ("service.client:classify_main", "classify images with a running server (--png)"),
-    ("translate",): ("service.client:translate_main", "translate with a running server (--attention, --png)"),
-    ("classify",): ("service.client:classify_main", "classify images with a running server (--png)"),
     # Benchmarks: programs that print tables, in bench/ (not part of the serving image).
     ("bench", "runtime"): ("bench.runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
     ("bench", "http"): ("bench.http:main", "the HTTP service vs a single-process baseline"),
