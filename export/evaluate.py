@@ -62,7 +62,7 @@ def translator_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve eval translator", description=__doc__)
     p.add_argument("--pairs", type=Path, required=True, help="UTF-8 lines english<TAB>spanish")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="decoder slots of the engine (ONNX) or batch (torch)")
     common(p, "translator-en-es")
     args = p.parse_args(argv)
     pairs = read_pairs_tsv(args.pairs)
@@ -73,7 +73,7 @@ def translator_main(argv: list[str] | None = None) -> None:
 
         note_staleness(artifact, args.checkpoint)
         rt = TranslatorRuntime(artifact, precision=args.precision, intra_op_threads=args.threads)
-        hyps = translate_all(rt, [en for en, _ in pairs], beam_size=args.beam, batch_size=args.batch_size)
+        hyps = translate_all(rt, [en for en, _ in pairs], beam_size=args.beam, slots=args.batch_size)
         backend = f"onnx {args.precision} {rt.device}"
     else:
         hyps = torch_translate(args, [en for en, _ in pairs])

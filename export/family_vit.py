@@ -31,8 +31,9 @@ def real_cases(spec: GraphSpec, model: torch.nn.Module, snap: Path) -> dict[str,
     data = test_set()
     if data is None:
         return {}
-    pixels = normalize(data[0][:8]).numpy()
-    return {"test_images_batch8": {"pixels": pixels}, "test_image_batch1": {"pixels": pixels[3:4]}}
+    name = spec.inputs[0].name
+    x = data[0][:8] if name == "images" else normalize(data[0][:8]).numpy()
+    return {"test_images_batch8": {name: x}, "test_image_batch1": {name: x[3:4]}}
 
 
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:

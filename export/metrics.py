@@ -6,17 +6,13 @@ import numpy as np
 import sacrebleu
 
 from service.runtime import ClassifierRuntime, TranslatorRuntime
+from service.runtime.engine import EngineSettings
 
 
-def translate_all(rt: TranslatorRuntime, texts: list[str], *, beam_size: int = 1, batch_size: int = 64) -> list[str]:
-    """Translations in input order; batches are formed from length-sorted texts to limit padding."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = [""] * len(texts)
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
-        for i, r in zip(chunk, rt.translate([texts[i] for i in chunk], beam_size=beam_size), strict=True):
-            out[i] = r.text
-    return out
+def translate_all(rt: TranslatorRuntime, texts: list[str], *, beam_size: int = 1, slots: int = 64) -> list[str]:
+    """Translations in input order, decoded by the serving engine (all texts queued, ``slots`` rows in flight)."""
+    settings = EngineSettings(max_slots=max(slots, beam_size))
+    return [r.text for r in rt.translate_engine(texts, settings, beam_size=beam_size)]
 
 
 def bleu_chrf(hyps: list[str], refs: list[str]) -> dict:
@@ -36,6 +32,6 @@ def translator_metrics(rt: TranslatorRuntime, pairs: list[tuple[str, str]], *, b
 def vit_accuracy(rt: ClassifierRuntime, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500) -> dict:
     correct = 0
     for i in range(0, len(images), batch_size):
-        probs = rt.classify(rt.normalize(images[i : i + batch_size])).probs
+        probs, _ = rt.predict(images[i : i + batch_size])  # the graph the service runs
         correct += int((probs.argmax(-1) == labels[i : i + batch_size]).sum())
     return {"accuracy": round(correct / len(images), 4), "n": int(len(images))}

@@ -36,6 +36,8 @@ def random_inputs(spec: GraphSpec, dims: dict[str, int], sizes: dict[str, int], 
             pos = rng.integers(0, sizes["cache_len"], size=shape)
             pos[0] = sizes["cache_len"] - 1
             out[t.name] = pos.astype(np.int64)
+        elif t.dtype == "uint8":
+            out[t.name] = rng.integers(0, 256, size=shape).astype(np.uint8)
         elif t.name == "align_weights":
             out[t.name] = rng.random(shape).astype(np.float32)
         elif t.name == "tgt_ids":

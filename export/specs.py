@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from export.wrappers import DecoderGraph, EncoderGraph, SlotStepGraph, ViTGraph
+from export.wrappers import DecoderGraph, EncoderGraph, SlotStepGraph, ViTGraph, ViTServeGraph
+from models.train_vit import MEAN, STD  # the pixel statistics the ViT was trained with
 
 DYNAMIC = ("batch", "src_len", "tgt_len", "past_len", "slots", "cache_len")
 # Example sizes for tracing: all >= 2 and distinct, because torch.onnx.export(dynamo=True) silently fixes
@@ -104,9 +105,16 @@ STEP_OUTPUTS = (
     TensorSpec("new_kv", "float32", ("slots", "decoder_layers", 2, "heads", "head_dim")),
 )
 
+IMAGES_U8 = TensorSpec("images", "uint8", ("batch", "image_size", "image_size"))
+PROBS = TensorSpec("probs", "float32", ("batch", "classes"))
+ROLLOUT = TensorSpec("rollout", "float32", ("batch", "grid", "grid"))
 VIT_GRAPHS = (
     GraphSpec("vit", lambda m: ViTGraph(m, attention=False), (PIXELS,), (LOGITS,)),
     GraphSpec("vit_attn", lambda m: ViTGraph(m, attention=True), (PIXELS,), (LOGITS, VIT_ATTN)),
+    # What the service runs: uint8 in, probabilities (and the 7x7 rollout) out.
+    GraphSpec("classify", lambda m: ViTServeGraph(m, rollout=False, mean=MEAN, std=STD), (IMAGES_U8,), (PROBS,)),
+    GraphSpec("classify_rollout", lambda m: ViTServeGraph(m, rollout=True, mean=MEAN, std=STD), (IMAGES_U8,),
+              (PROBS, ROLLOUT)),
 )
 TRANSLATOR_GRAPHS = (
     GraphSpec("encoder", lambda m: EncoderGraph(m, attention=False), (SRC_IDS,), (CROSS_KV,)),

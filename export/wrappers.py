@@ -21,6 +21,37 @@ class ViTGraph(nn.Module):
         return (logits, attn) if self.attention else logits
 
 
+class ViTServeGraph(nn.Module):
+    """images (B,H,W) uint8 as decoded -> probs (B,C) [, rollout (B,g,g)]: what the service needs, no more.
+
+    Normalisation (x / 255 - mean) / std is in the graph, so the host sends bytes; with ``rollout`` the
+    attention rollout (as service.runtime.attention.rollout: head mean, 0.5 residual, layers multiplied, CLS
+    row over the patches renormalised) is computed in the graph instead of returning every layer's maps.
+    """
+
+    def __init__(self, model: ViT, *, rollout: bool, mean: float, std: float, residual: float = 0.5) -> None:
+        super().__init__()
+        self.model, self.rollout, self.mean, self.std, self.residual = model, rollout, mean, std, residual
+
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = (images.float()[:, None] / 255.0 - self.mean) / self.std
+        logits, attn = self.model(x, return_attention=self.rollout)
+        probs = logits.softmax(-1)
+        if not self.rollout:
+            return probs
+        a = attn.mean(2)  # (L, B, T, T)
+        eye = torch.eye(a.size(-1), dtype=a.dtype)
+        a = self.residual * eye + (1 - self.residual) * a
+        a = a / a.sum(-1, keepdim=True)
+        joint = a[0]
+        for layer in range(1, a.size(0)):
+            joint = a[layer] @ joint
+        cls = joint[:, 0, 1:]
+        cls = cls / cls.sum(-1, keepdim=True)
+        grid = self.model.cfg.grid
+        return probs, cls.reshape(-1, grid, grid)
+
+
 class EncoderGraph(nn.Module):
     """src_ids (B,S) -> cross_kv (L,2,B,nh,S,hs) [, encoder_attentions (L,B,nh,S,S)].
 
@@ -77,4 +108,4 @@ class SlotStepGraph(nn.Module):
         return values, ids, alignment, new_kv
 
 
-__all__ = ["PAD", "DecoderGraph", "EncoderGraph", "SlotStepGraph", "ViTGraph"]
+__all__ = ["PAD", "DecoderGraph", "EncoderGraph", "SlotStepGraph", "ViTGraph", "ViTServeGraph"]

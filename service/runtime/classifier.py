@@ -24,9 +24,10 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 class ClassifierRuntime(ArtifactRuntime):
-    """The fast graph for plain classification; the attention graph only when attentions are asked for."""
+    """``predict``: uint8 images in, probabilities (and the 7x7 rollout) out, all computed in the graph: what
+    the service runs. ``classify``: normalised pixels in, every layer's attention maps out (tools, raw maps)."""
 
-    GRAPHS = ("vit", "vit_attn")
+    GRAPHS = ("vit", "vit_attn", "classify", "classify_rollout")
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
@@ -38,6 +39,7 @@ class ClassifierRuntime(ArtifactRuntime):
         self.mean, self.std = float(pre.get("mean", 0.0)), float(pre.get("std", 1.0))
         self.image_size = int(self.manifest.model["image_size"])
         self.grid = int(self.manifest.model["grid"])
+        self.classes = int(self.manifest.model["classes"])
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W) -> float32 (N, 1, H, W): x * scale (1/255), then (x - mean)/std as in training."""
@@ -63,3 +65,25 @@ class ClassifierRuntime(ArtifactRuntime):
 
     def cls_attention(self, attentions: np.ndarray) -> np.ndarray:
         return attention.cls_attention(attentions, self.grid)
+
+    def predict(self, images: np.ndarray, *, rollout: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, H, W) -> probabilities (N, C) and, when asked, the rollout (N, grid, grid).
+
+        Bound with ONNX Runtime IO binding: the graph reads the images in place and writes into arrays made
+        here, so only bytes go in and probabilities (and 49 weights per image) come out.
+        """
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
+            raise InputError(f"images must be (N, {self.image_size}, {self.image_size}) uint8, got {images.shape}")
+        n = len(images)
+        outputs = {"probs": np.empty((n, len(self.labels) or self.classes), np.float32)}
+        if rollout:
+            outputs["rollout"] = np.empty((n, self.grid, self.grid), np.float32)
+        session = self.sessions["classify_rollout" if rollout else "classify"]
+        io = session.io_binding()
+        io.bind_input("images", "cpu", 0, np.uint8, list(images.shape), images.ctypes.data)
+        for name, a in outputs.items():
+            io.bind_output(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+        session.run_with_iobinding(io)
+        return outputs["probs"], outputs.get("rollout")
+

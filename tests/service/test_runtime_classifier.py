@@ -54,3 +54,17 @@ def test_bad_shapes(rt):
         rt.normalize(np.zeros((2, 27, 28), np.uint8))
     with pytest.raises(InputError):
         rt.classify(np.zeros((2, 28, 28), np.float32))
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_predict_in_graph_equals_host_preprocessing_and_rollout(rt, n):
+    """The service's uint8 graph (normalisation and rollout inside) agrees with the host-side path."""
+    x = images(n)
+    probs, rollout = rt.predict(x, rollout=True)
+    ref = rt.classify(rt.normalize(x), return_attention=True)
+    np.testing.assert_allclose(probs, ref.probs, atol=1e-5)
+    np.testing.assert_allclose(rollout, rt.rollout(ref.attentions), atol=1e-5)
+    np.testing.assert_allclose(rollout.sum(axis=(1, 2)), 1.0, atol=1e-5)
+    plain, none = rt.predict(x)
+    assert none is None
+    np.testing.assert_allclose(plain, probs, atol=1e-6)
