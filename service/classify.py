@@ -220,3 +220,22 @@ class Classifier(ModelReplica):
     def _infer(self, images: np.ndarray, attn: bool) -> tuple[np.ndarray, np.ndarray | None]:
         out = self.rt.classify(self.rt.normalize(images), return_attention=attn)
         return out.probs, (self.rt.rollout(out.attentions) if attn else None)
+
+    async def infer_images(self, images: np.ndarray | None, encoded: list[bytes], return_attention: bool = False,
+                           timeout_s: float | None = None) -> dict[str, Any]:
+        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in service/v2.py).
+
+        `images` uint8 (n, 28, 28) and/or PNG/JPEG files (decoded like /v1/classify, appended after `images`).
+        Same limits, admission gate, deadline (`timeout_s` can only shorten it) and batching as POST /v1/classify.
+        Returns {"version", "labels", "probs" (n, C), "rollout" (n, 7, 7) or None}.
+        """
+        n = (0 if images is None else len(images)) + len(encoded)
+        if n == 0:
+            raise InvalidRequest("no images", field="images")
+        self.check_count(n)
+        parts = [] if images is None else [np.asarray(images, np.uint8).reshape(-1, 28, 28)]
+        offset = len(parts[0]) if parts else 0
+        parts += [(await self.decode(raw, offset + i))[None] for i, raw in enumerate(encoded)]
+        timeout_s = self.gate.timeout_s if timeout_s is None else min(self.gate.timeout_s, timeout_s)
+        out = await self.gate.run(self.run_batch(Job(np.concatenate(parts), return_attention)), timeout_s)
+        return {"version": self.rt.version, "labels": self.rt.labels, "probs": out.probs, "rollout": out.rollout}

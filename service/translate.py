@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 
 from service import pictures
@@ -22,6 +23,7 @@ from service.config import EngineConfig
 from service.engine_loop import EngineLoop
 from service.errors import (
     DeadlineExceeded,
+    InvalidRequest,
     LimitExceeded,
     NotReady,
     Overloaded,
@@ -199,3 +201,26 @@ class Translator(ModelReplica):
         finally:
             if not task.done():
                 task.cancel()
+
+    async def infer_texts(self, texts: list[str], beam_size: int = 1, max_new_tokens: int = 128,
+                          return_attention: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in service/v2.py).
+
+        Same validation, limits, admission gate, deadline (`timeout_s` can only shorten it) and engine as POST
+        /v1/translate. Returns {"version", "translations": [{"text", "source_tokens", "target_tokens",
+        "attention" (target x source array or None), "layer", "heads"}]}.
+        """
+        try:
+            req = TranslateRequest(texts=texts, beam_size=beam_size, max_new_tokens=max_new_tokens,
+                                   return_attention=return_attention)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise InvalidRequest(err["msg"], field=".".join(str(p) for p in err["loc"]) or None) from None
+        self.check_limits(req)
+        timeout_s = self.gate.timeout_s if timeout_s is None else min(self.gate.timeout_s, timeout_s)
+        job = Job(self.rt, req, asyncio.get_running_loop(), time.monotonic() + timeout_s)
+        results = await self.gate.run(self._run(job), timeout_s)
+        return {"version": self.rt.version, "translations": [
+            {"text": r.text, "source_tokens": r.source_tokens, "target_tokens": r.target_tokens,
+             "attention": r.attention if return_attention else None, "layer": r.layer, "heads": r.heads}
+            for r in results]}
