@@ -16,6 +16,8 @@ from service.config import AppArgs
 from service.errors import NotReady
 from service.http import RouteSettings, make_api
 from service.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
+from service.v2 import configure as configure_v2
+from service.v2 import install as install_v2
 
 # The Serve application names of the model apps, as in deploy/serve_config.yaml.
 MODEL_APPS = {"translator": translate, "classifier": classify}
@@ -24,6 +26,7 @@ route = RouteSettings("/", paths=frozenset({"/", "/healthz", "/readyz", "/v1/mod
                       media_types=())  # GET only: a POST is a 405 from the router
 api = make_api("attnserve", route)  # /docs and /openapi.json are explicit routes below
 api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
+install_v2(api)  # the Open Inference Protocol v2 routes under /v2: service/v2.py
 demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/demo.py
 
 
@@ -56,6 +59,7 @@ class Api:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
         route.model, route.max_body_bytes = "api", self.args.limits.max_body_bytes
+        route.paths = route.paths | configure_v2(self.args)
 
     async def _call_all(self, method: str) -> list[Any]:
         try:
