@@ -30,7 +30,7 @@ from export.onnx_export import OPSET, describe, export_graph
 from export.parity import Mismatch, ParityError, as_dicts, compare, cpu_session
 from export.precision import CONVERTERS, variant_file
 from export.specs import GRAPHS, model_dims
-from models.checkpoint import load_checkpoint, read_meta
+from models.checkpoint import KINDS, load_checkpoint, read_meta
 from service.runtime.errors import ArtifactError
 from service.runtime.manifest import FORMAT, MANIFEST, PARTIAL_MANIFEST, check_name, load_manifest, locate, sha256_file
 
@@ -60,19 +60,31 @@ def snapshot(checkpoint: Path, into: Path) -> Path:
     return into
 
 
-def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...], kind: str) -> bool:
-    """Same checkpoint, current manifest format, the declared graphs (``GRAPHS[kind]``) in every precision,
-    and at least the asked precisions; an invalid or unpassed manifest is never up to date."""
+def declared_graphs(meta: dict) -> dict[str, tuple[list[str], list[str]]]:
+    """Graph name -> (input names, output names) that ``export.specs.GRAPHS`` declares today for a checkpoint
+    (its config.json), per-layer tensors expanded for its layer count."""
+    kind = meta["kind"]
+    dims = model_dims(kind, KINDS[kind][1](**meta["config"]))
+    expanded = [s.expand(dims) for s in GRAPHS[kind]]
+    return {s.name: ([t.name for t in s.inputs], [t.name for t in s.outputs]) for s in expanded}
+
+
+def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...], meta: dict) -> bool:
+    """Same checkpoint, current manifest format, at least the asked precisions, and in every precision exactly
+    the graphs declared today with their input and output names; an invalid or unpassed manifest is stale."""
     try:
         m = load_manifest(dest, verify=False)
     except ArtifactError:
         return False
-    declared = {s.name for s in GRAPHS[kind]}
+    declared = declared_graphs(meta)
     return (
         m.format >= FORMAT
         and m.source.get("sha256") == checkpoint_sha
         and set(precisions) <= set(m.graphs)
-        and all(set(graphs) == declared for graphs in m.graphs.values())
+        and all(
+            {name: ([t.name for t in g.inputs], [t.name for t in g.outputs]) for name, g in graphs.items()} == declared
+            for graphs in m.graphs.values()
+        )
     )
 
 
@@ -88,7 +100,7 @@ def export_checkpoint(checkpoint: Path, opts: ExportOptions) -> Path:
         with open(dest.parent / ".export.lock", "w") as lock:
             # Two exports of one model (e.g. a test fixture and a terminal) would share the partial folder.
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not opts.force and up_to_date(dest, sha, opts.precisions, read_meta(snap)["kind"]):
+            if not opts.force and up_to_date(dest, sha, opts.precisions, read_meta(snap)):
                 print(f"{dest}: up to date (checkpoint sha256 {sha[:12]}); --force rebuilds", flush=True)
                 return dest
             if (dest / MANIFEST).is_file() and not opts.force:  # adding a precision keeps the ones built before

@@ -12,7 +12,7 @@ from export.gates import GATES, QualityGateError, check_gates
 from export.parity import ParityError, compare, cpu_session
 from export.samples import random_inputs
 from export.specs import GRAPHS, TRANSLATOR_GRAPHS, model_dims
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_checkpoint, read_meta
 from service.runtime import ArtifactError, find_artifact, load_manifest
 from service.runtime.manifest import FORMAT, PARTIAL_MANIFEST
 
@@ -149,23 +149,35 @@ def test_real_artifacts_pass_their_gates(artifacts_dir):
 
 
 def test_stale_graph_set_or_format_is_rebuilt(tiny_artifacts, tmp_path):
+    """An artifact is rebuilt when export.specs declares other graphs, or other inputs/outputs of a graph, than
+    it holds (e.g. a decoder graph added or changed since), or when its manifest format is older."""
+    import shutil
+
     src = tiny_artifacts["translator"]
     m = manifest(src)
-    sha, kind = m["source"]["sha256"], "translator"
-    assert up_to_date(src, sha, ("fp32", "int8"), kind)
-    assert not up_to_date(src, sha, ("fp32", "fp16"), kind)  # a precision it lacks
+    sha, meta = m["source"]["sha256"], read_meta(tiny_artifacts["checkpoints"]["translator"])
+    assert up_to_date(src, sha, ("fp32", "int8"), meta)
+    assert not up_to_date(src, sha, ("fp32", "fp16"), meta)  # a precision it lacks
 
     def variant(folder, **changes):
-        import shutil
-
         d = shutil.copytree(src, tmp_path / folder)
         (d / "manifest.json").write_text(json.dumps({**m, **changes}))
         return d
 
-    fewer = {p: {k: g for k, g in graphs.items() if k != "decoder_attn"} for p, graphs in m["graphs"].items()}
-    assert not up_to_date(variant("fewer", graphs=fewer), sha, ("fp32",), kind)  # a graph declared since
-    more = {p: {**graphs, "retired": graphs["decoder"]} for p, graphs in m["graphs"].items()}
-    assert not up_to_date(variant("more", graphs=more), sha, ("fp32",), kind)  # a graph no longer declared
-    assert not up_to_date(variant("old", format=1), sha, ("fp32",), kind)
-    assert not up_to_date(variant("failed", parity={**m["parity"], "passed": False}), sha, ("fp32",), kind)
-    assert up_to_date(variant("same"), sha, ("fp32",), kind)
+    def graphs_with(change):
+        return {p: change(json.loads(json.dumps(graphs))) for p, graphs in m["graphs"].items()}
+
+    fewer = graphs_with(lambda g: {k: v for k, v in g.items() if k != "decoder_attn"})
+    assert not up_to_date(variant("fewer", graphs=fewer), sha, ("fp32",), meta)  # a graph declared since
+    more = graphs_with(lambda g: {**g, "retired": g["decoder"]})
+    assert not up_to_date(variant("more", graphs=more), sha, ("fp32",), meta)  # a graph no longer declared
+
+    def rename_input(g):
+        g["decoder"]["inputs"][0]["name"] = "old_name"
+        return g
+
+    renamed = graphs_with(rename_input)
+    assert not up_to_date(variant("renamed", graphs=renamed), sha, ("fp32",), meta)  # a graph's signature changed
+    assert not up_to_date(variant("old", format=1), sha, ("fp32",), meta)
+    assert not up_to_date(variant("failed", parity={**m["parity"], "passed": False}), sha, ("fp32",), meta)
+    assert up_to_date(variant("same"), sha, ("fp32",), meta)
