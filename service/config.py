@@ -43,14 +43,17 @@ class ModelArgs(_Strict):
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per replica")
     timeout_s: float = Field(30.0, gt=0, description="request deadline; past it the client gets a 504")
     max_pending: int = Field(256, ge=1, description="requests admitted per replica; beyond it a 503 + Retry-After")
+    max_pending_cost: int | None = Field(None, ge=1, description="summed cost admitted per replica (translator: "
+                                         "texts x beam_size x max_new_tokens; classifier: images); beyond it a "
+                                         "503 + Retry-After; None = no budget, only max_pending")
     warmup: bool = Field(True, description="run one batch per graph before reporting ready")
 
 
 class AppArgs(_Strict):
     artifact_root: str = Field("artifacts", description="relative paths resolve against $ATTNSERVE_ARTIFACTS, "
                                "the working directory, then the repository root")
-    translator: ModelArgs = ModelArgs(name="translator-en-es", timeout_s=60.0)
-    classifier: ModelArgs = ModelArgs(name="vit-fashion")
+    translator: ModelArgs = ModelArgs(name="translator-en-es", timeout_s=60.0, max_pending_cost=65536)
+    classifier: ModelArgs = ModelArgs(name="vit-fashion", max_pending_cost=2048)
     limits: Limits = Limits()
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
 

@@ -6,7 +6,8 @@ import asyncio
 import email.message
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -228,15 +229,24 @@ def _replay(body: bytes) -> Callable[[], Awaitable[dict]]:
 class Gate:
     """Admission control and deadline for one replica.
 
-    Past `max_pending` requests in this replica a request is refused at once with 503 + Retry-After, in the
-    service's JSON error format (Serve's own `max_queued_requests` rejection, earlier in the proxy, is plain
-    text: it is the backstop). The deadline covers queueing and inference; the client may shorten it with
-    the `X-Timeout-Ms` header.
+    A request is admitted only while the replica holds fewer than `max_pending` requests and their summed cost
+    stays within `max_pending_cost` (the translator's cost is texts x beam_size x max_new_tokens, a bound on
+    the decoder rows it will take; the classifier's is its image count). Otherwise it is refused at once with
+    503 + Retry-After, in the service's JSON error format (Serve's own `max_queued_requests` rejection, earlier
+    in the proxy, is plain text: it is the backstop). A request dearer than the whole budget is still admitted
+    into an idle replica, so the per-request limits, not the budget, decide what can ever run.
+
+    Callers admit before any per-request work (tokenizing, image decoding) with `admit`, so a refused request
+    costs the replica almost nothing. The deadline covers queueing and inference; the client may shorten it
+    with the `X-Timeout-Ms` header.
     """
 
-    def __init__(self, *, max_pending: int, timeout_s: float, retry_after_s: int) -> None:
+    def __init__(self, *, max_pending: int, timeout_s: float, retry_after_s: int,
+                 max_pending_cost: int | None = None) -> None:
         self.max_pending, self.timeout_s, self.retry_after_s = max_pending, timeout_s, retry_after_s
+        self.max_pending_cost = max_pending_cost
         self.pending = 0
+        self.cost = 0
 
     def deadline(self, request: Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -251,19 +261,45 @@ class Gate:
                                  f"{self.timeout_s * 1000:g} is used), got {raw!r}", field=TIMEOUT_HEADER)
         return min(self.timeout_s, ms / 1000)
 
-    async def run(self, work: Awaitable[T], timeout_s: float) -> T:
+    def check(self, cost: int = 1) -> None:
+        """Raise `Overloaded` if a request of this cost would not be admitted now."""
         if self.pending >= self.max_pending:
-            _close(work)
             raise Overloaded(f"{self.pending} requests already pending in this replica (limit {self.max_pending}); "
                              "retry later", retry_after_s=self.retry_after_s)
+        budget = self.max_pending_cost
+        if budget is not None and self.pending and self.cost + cost > budget:
+            raise Overloaded(f"this request's cost {cost} on top of {self.cost} pending in this replica is over its "
+                             f"budget of {budget}; retry later", retry_after_s=self.retry_after_s)
+
+    @contextmanager
+    def admit(self, cost: int = 1) -> Iterator[None]:
+        """Hold a place (and `cost` of the budget) for the block, or raise `Overloaded` at once."""
+        self.check(cost)
         self.pending += 1
+        self.cost += cost
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            self.cost -= cost
+
+    async def within(self, work: Awaitable[T], timeout_s: float) -> T:
+        """Await `work` under the deadline (504 past it); admission is the caller's (`admit`)."""
         try:
             async with asyncio.timeout(timeout_s):
                 return await work
         except TimeoutError:
             raise DeadlineExceeded(f"no result within the deadline of {timeout_s:.3f} s") from None
-        finally:
-            self.pending -= 1
+
+    async def run(self, work: Awaitable[T], timeout_s: float, *, cost: int = 1) -> T:
+        """`admit` and `within` in one, for work that was not admitted before it was made."""
+        try:
+            self.check(cost)
+        except Overloaded:
+            _close(work)
+            raise
+        with self.admit(cost):
+            return await self.within(work, timeout_s)
 
 
 def _close(work: Awaitable[Any]) -> None:

@@ -26,7 +26,6 @@ from service.errors import (
     InvalidRequest,
     LimitExceeded,
     NotReady,
-    Overloaded,
     ServiceError,
     error_body,
     to_response,
@@ -52,6 +51,11 @@ def encode(r: TranslationResult, with_attention: bool) -> Translation:
     return Translation(text=r.text, attention=TranslationAttention(
         source_tokens=r.source_tokens, target_tokens=r.target_tokens, weights=r.attention.tolist(),
         layer=r.layer, heads=r.heads))
+
+
+def cost(req: TranslateRequest) -> int:
+    """What a request takes from the replica's budget (`Gate`): a bound on the decoder row-steps it can use."""
+    return len(req.texts) * req.beam_size * req.max_new_tokens
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -149,20 +153,20 @@ class Translator(ModelReplica):
     @api.post("/", response_model=TranslateResponse, responses={**ERROR_RESPONSES, **STREAM_RESPONSES},
               summary="Translate English to Spanish")
     async def translate(self, req: TranslateRequest, request: Request) -> Any:
-        self.check_limits(req)
         png = pictures.negotiate(request.headers.get("accept"), len(req.texts), field="texts", stream=req.stream)
         if png:
             req = req.model_copy(update={"return_attention": True})
         timeout_s = self.gate.deadline(request)
         deadline = time.monotonic() + timeout_s  # the engine's clock (an event loop's may differ: uvloop)
         if req.stream:
-            if self.gate.pending >= self.gate.max_pending:  # refuse before the 200 of a stream is sent
-                raise Overloaded(f"{self.gate.pending} requests already pending in this replica "
-                                 f"(limit {self.gate.max_pending}); retry later", retry_after_s=self.gate.retry_after_s)
+            self.check_limits(req)
+            self.gate.check(cost(req))  # refuse before the 200 of a stream is sent; admitted in _stream
             return StreamingResponse(self._stream(req, timeout_s, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        job = Job(self.rt, req, asyncio.get_running_loop(), deadline)
-        results = await self.gate.run(self._run(job), timeout_s)
+        with self.gate.admit(cost(req)):  # before tokenizing: a refused request costs no model work
+            self.check_limits(req)
+            job = Job(self.rt, req, asyncio.get_running_loop(), deadline)
+            results = await self.gate.within(self._run(job), timeout_s)
         if png:
             return await pictures.alignment_response(self._response(req, results))
         return self._response(req, results)
@@ -184,7 +188,7 @@ class Translator(ModelReplica):
     async def _stream(self, req: TranslateRequest, timeout_s: float, deadline: float) -> AsyncIterator[bytes]:
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(self.rt, req, asyncio.get_running_loop(), deadline, stream=queue)
-        task = asyncio.ensure_future(self.gate.run(self._run(job), timeout_s))
+        task = asyncio.ensure_future(self.gate.run(self._run(job), timeout_s, cost=cost(req)))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (item := await queue.get()) is not None:
@@ -216,10 +220,11 @@ class Translator(ModelReplica):
         except ValidationError as e:
             err = e.errors()[0]
             raise InvalidRequest(err["msg"], field=".".join(str(p) for p in err["loc"]) or None) from None
-        self.check_limits(req)
         timeout_s = self.gate.timeout_s if timeout_s is None else min(self.gate.timeout_s, timeout_s)
-        job = Job(self.rt, req, asyncio.get_running_loop(), time.monotonic() + timeout_s)
-        results = await self.gate.run(self._run(job), timeout_s)
+        with self.gate.admit(cost(req)):
+            self.check_limits(req)
+            job = Job(self.rt, req, asyncio.get_running_loop(), time.monotonic() + timeout_s)
+            results = await self.gate.within(self._run(job), timeout_s)
         return {"version": self.rt.version, "translations": [
             {"text": r.text, "source_tokens": r.source_tokens, "target_tokens": r.target_tokens,
              "attention": r.attention if return_attention else None, "layer": r.layer, "heads": r.heads}
