@@ -118,8 +118,10 @@ class Classifier(ModelReplica):
                     for i, b in enumerate(req.images)]
             top_k, attn = req.top_k, req.return_attention
         png = pictures.negotiate(request.headers.get("accept"), len(raws), field="images")
-        images = np.stack([await self.decode(raw, i) for i, raw in enumerate(raws)])
-        out = await self.gate.run(self.run_batch(Job(images, attn or png)), self.gate.deadline(request))
+        timeout_s = self.gate.deadline(request)
+        with self.gate.admit(len(raws)):  # before decoding: a refused request costs no image work
+            images = np.stack([await self.decode(raw, i) for i, raw in enumerate(raws)])
+            out = await self.gate.within(self.run_batch(Job(images, attn or png)), timeout_s)
         resp = ClassifyResponse(model=self.rt.name, version=self.rt.version,
                                 predictions=[self.encode(out, i, top_k) for i in range(len(images))])
         return await pictures.overlay_response(raws[0], resp, out.rollout[0]) if png else resp
@@ -233,9 +235,10 @@ class Classifier(ModelReplica):
         if n == 0:
             raise InvalidRequest("no images", field="images")
         self.check_count(n)
-        parts = [] if images is None else [np.asarray(images, np.uint8).reshape(-1, 28, 28)]
-        offset = len(parts[0]) if parts else 0
-        parts += [(await self.decode(raw, offset + i))[None] for i, raw in enumerate(encoded)]
         timeout_s = self.gate.timeout_s if timeout_s is None else min(self.gate.timeout_s, timeout_s)
-        out = await self.gate.run(self.run_batch(Job(np.concatenate(parts), return_attention)), timeout_s)
+        with self.gate.admit(n):
+            parts = [] if images is None else [np.asarray(images, np.uint8).reshape(-1, 28, 28)]
+            offset = len(parts[0]) if parts else 0
+            parts += [(await self.decode(raw, offset + i))[None] for i, raw in enumerate(encoded)]
+            out = await self.gate.within(self.run_batch(Job(np.concatenate(parts), return_attention)), timeout_s)
         return {"version": self.rt.version, "labels": self.rt.labels, "probs": out.probs, "rollout": out.rollout}
