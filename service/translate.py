@@ -40,9 +40,14 @@ from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Tra
 ROUTE = "/v1/translate"
 route = RouteSettings(ROUTE)
 api = make_api("attnserve translator", route)
+# One Server-Sent Event as schema tools read it: its name and its JSON data (a TokenEvent, the
+# TranslateResponse, or an ErrorResponse).
+SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
+    "event": {"enum": ["token", "done", "error"]},
+    "data": {"type": "string", "contentMediaType": "application/json"}}}
 STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`, Server-Sent Events instead; with "
                           "`Accept: image/png` and one text, its alignment heatmap (service/pictures.py).",
-                          "content": {"text/event-stream": {"schema": {"type": "string"}}, **pictures.PNG_CONTENT}}}
+                          "content": {"text/event-stream": {"schema": SSE_EVENT}, **pictures.PNG_CONTENT}}}
 
 
 def encode(r: TranslationResult, with_attention: bool) -> Translation:
