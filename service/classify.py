@@ -96,7 +96,7 @@ class Classifier(ModelReplica):
         cfg = self.open(args, "classifier", ClassifierRuntime)
         if cfg.warmup:
             for attn in (False, True):
-                self.rt.classify(self.rt.normalize(np.zeros((2, 28, 28), np.uint8)), return_attention=attn)
+                self.rt.predict(np.zeros((2, 28, 28), np.uint8), rollout=attn)
         route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
 
     def info(self) -> dict[str, Any]:
@@ -220,8 +220,7 @@ class Classifier(ModelReplica):
         return np.concatenate(probs), (np.concatenate(rollouts) if attn else None)
 
     def _infer(self, images: np.ndarray, attn: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.rt.classify(self.rt.normalize(images), return_attention=attn)
-        return out.probs, (self.rt.rollout(out.attentions) if attn else None)
+        return self.rt.predict(images, rollout=attn)
 
     async def infer_images(self, images: np.ndarray | None, encoded: list[bytes], return_attention: bool = False,
                            timeout_s: float | None = None) -> dict[str, Any]:
