@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from service.runtime.manifest import load_manifest, locate
-from service.runtime.sessions import make_session, resolve_device
+from service.runtime.sessions import CUDA, make_session, resolve_device
 
 
 class ArtifactRuntime:
@@ -18,12 +18,16 @@ class ArtifactRuntime:
         self.artifact_dir = locate(Path(artifact_dir))[0]
         self.manifest = load_manifest(artifact_dir)  # verifies every file's sha256
         self.name, self.version, self.precision = self.manifest.name, self.manifest.version, precision
-        self.device = resolve_device(device)
+        wanted = resolve_device(device)
         self.sessions = {
             g: make_session(
                 self.artifact_dir / self.manifest.graph(precision, g).file,
-                device=self.device,
+                device=wanted,
                 intra_op_threads=intra_op_threads,
             )
             for g in self.GRAPHS
         }
+        # What the sessions actually run on (ORT falls back to CPU when a CUDA provider cannot load), not
+        # what was asked for or installed: "cuda" only if every graph got the CUDA provider.
+        on_cuda = all(s.get_providers()[0] == CUDA for s in self.sessions.values())
+        self.device = "cuda" if on_cuda and self.sessions else "cpu"
