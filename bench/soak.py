@@ -60,6 +60,7 @@ class ClosedLoop:
                                dict(r.headers))
                 except httpx.HTTPError as e:
                     s = Sample(0.0, -1, 0.0, repr(e)[:300])
+                    self._stop.wait(0.05)  # a refused connection returns at once: do not spin
                 now = time.monotonic()
                 s.t, s.seconds = now - self.t0, now - t
                 with self._lock:

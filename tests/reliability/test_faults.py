@@ -1,0 +1,172 @@
+"""Fault tests on a private `attnserve serve`: overload, a killed replica, SIGTERM under load.
+
+Loopback only, time-bounded; each test prints a `RELIABILITY-RESULT` line (`pytest -s`) with its figures.
+Order matters: the overload test measures capacity on a fresh service, SIGTERM ends the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from bench.soak import ClosedLoop, Sample, replica_processes
+
+pytestmark = pytest.mark.slow
+
+BODY = {"texts": ["The cat sleeps on the red chair."], "max_new_tokens": 16}
+TRANSLATOR = "ray::ServeReplica:translator:Translator"
+CLIENTS = 8
+DEADLINE_MS = 5000
+
+
+def result(name: str, **figures: object) -> None:
+    print(f"\nRELIABILITY-RESULT {name} " + " ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+
+
+def json_error(s: Sample) -> dict | None:
+    try:
+        body = json.loads(s.body)
+    except ValueError:
+        return None
+    return body.get("error") if isinstance(body, dict) else None
+
+
+def capacity(url: str, seconds: float = 8.0) -> float:
+    """Successful requests/s of `CLIENTS` closed-loop clients, after a short warm-up."""
+    load = ClosedLoop(url, BODY, CLIENTS).start()
+    time.sleep(2.0)
+    t = load.elapsed()
+    time.sleep(seconds)
+    done = [s for s in load.since(t) if s.status == 200]
+    load.stop()
+    return len(done) / seconds
+
+
+async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[Sample], float]:
+    """Requests sent at `rate`/s for `seconds`, whatever the answers; returns every answer and the time taken."""
+    samples: list[Sample] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(timeout=DEADLINE_MS / 1000 + 15, limits=limits,
+                                 headers={"X-Timeout-Ms": str(DEADLINE_MS)}) as client:
+        t0 = time.monotonic()
+
+        async def one() -> None:
+            t = time.monotonic()
+            try:
+                r = await client.post(url, json=BODY)
+                s = Sample(0, r.status_code, 0, "" if r.status_code == 200 else r.text[:300], dict(r.headers))
+            except httpx.HTTPError as e:
+                s = Sample(0, -1, 0, repr(e)[:300])
+            s.seconds, s.t = time.monotonic() - t, time.monotonic() - t0
+            samples.append(s)
+
+        tasks = []
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        return samples, time.monotonic() - t0
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (measured 2026-11-22, 2 cores): at 3x capacity Serve's proxy "
+                   "queues requests before the replica's Gate sees them, so clients wait past the deadline (read "
+                   "timeouts), the proxy answers plain-text 503s, and goodput falls to ~20% of capacity")
+def test_overload_sheds_with_json_503_and_keeps_goodput(own_service) -> None:
+    svc, _ = own_service
+    url = svc.base + "/v1/translate"
+    pids = {p.pid for p in replica_processes(svc.pid)}
+    cap = capacity(url)
+    assert cap > 0
+    samples, took = asyncio.run(open_loop(url, 3 * cap, 10.0))
+    statuses = Counter(s.status for s in samples)
+    ok = [s for s in samples if s.status == 200]
+    goodput = len(ok) / took
+    plain_503 = [s for s in samples if s.status == 503 and json_error(s) is None]
+    result("overload", capacity_rps=f"{cap:.1f}", offered_rps=f"{3 * cap:.1f}", goodput_rps=f"{goodput:.1f}",
+           goodput_ratio=f"{goodput / cap:.2f}", statuses=dict(statuses), proxy_plain_503=len(plain_503),
+           p99_ok_s=f"{sorted(s.seconds for s in ok)[int(0.99 * (len(ok) - 1))]:.2f}" if ok else "nan")
+    assert set(statuses) <= {200, 503}, [s.body for s in samples if s.status not in (200, 503)][:3]
+    for s in samples:
+        if s.status == 503:
+            assert int(s.headers["retry-after"]) >= 1
+            assert s in plain_503 or json_error(s)["code"] == "overloaded", s.body
+        assert s.seconds <= DEADLINE_MS / 1000 + 2, s  # deadline plus transport slack
+    assert not plain_503, f"Serve's proxy answered {len(plain_503)} plain-text 503s: {plain_503[0].body!r}"
+    # 90% is the goal; a 2-core machine that also runs the load generator reaches less (see the printed ratio).
+    assert goodput >= 0.5 * cap
+    assert {p.pid for p in replica_processes(svc.pid)} == pids, "a replica died (OOM?) under overload"
+
+
+def test_sigkill_replica_under_load(own_service) -> None:
+    svc, _ = own_service
+    url = svc.base + "/v1/translate"
+    load = ClosedLoop(url, BODY, CLIENTS, timeout_s=60).start()
+    time.sleep(5.0)
+    before = [s for s in load.since(1.0) if s.status == 200]
+    rate = len(before) / (load.elapsed() - 1.0)
+    (victim,) = replica_processes(svc.pid, TRANSLATOR)
+    t_kill, in_flight = load.elapsed(), load.in_flight
+    victim.send_signal(signal.SIGKILL)
+    recovered = None
+    while load.elapsed() < t_kill + 90:
+        time.sleep(0.5)
+        now = load.elapsed()
+        if now - t_kill < 2.0:
+            continue
+        window = [s for s in load.since(now - 2.0) if s.status == 200]
+        if len(window) / 2.0 >= 0.5 * rate:
+            recovered = now - 2.0 - t_kill  # the start of the first 2 s window back at half the rate or more
+            break
+    samples = load.stop()
+    after = [s for s in samples if s.t >= t_kill]
+    failed = [s for s in after if s.status != 200]
+    hung = [s for s in samples if s.status == -1 and "Timeout" in s.body]
+    new = replica_processes(svc.pid, TRANSLATOR)
+    result("sigkill", rate_before_rps=f"{rate:.1f}", in_flight_at_kill=in_flight, failed=len(failed),
+           failed_statuses=dict(Counter(s.status for s in failed)), hung=len(hung),
+           recovery_s=f"{recovered:.1f}" if recovered is not None else "none",
+           new_replica=[p.pid for p in new] != [victim.pid] and bool(new),
+           failure_sample=(failed[0].body[:120] if failed else ""))
+    assert recovered is not None, "throughput did not come back within 90 s"
+    assert len(failed) <= in_flight, [s.body for s in failed][:3]
+    assert not hung
+    assert new and new[0].pid != victim.pid
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (measured 2026-11-22): on SIGTERM `attnserve serve` shuts "
+                   "Serve down without draining the proxy: about half the requests in flight are dropped "
+                   "(connection closed without a response)")
+def test_sigterm_drains_in_flight_and_loses_nothing(own_service) -> None:
+    svc, proc = own_service
+    url = svc.base + "/v1/translate"
+    load = ClosedLoop(url, BODY, CLIENTS, timeout_s=60).start()
+    time.sleep(4.0)
+    t_term, in_flight = load.elapsed(), load.in_flight
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    t_gone = load.elapsed()
+    time.sleep(1.0)  # a few attempts against the closed port
+    samples = load.stop()
+    after = [s for s in samples if s.t >= t_term]
+    started_before = [s for s in after if s.t - s.seconds < t_term]
+
+    def kind(s: Sample) -> str:
+        if s.status == -1:
+            return "refused" if "ConnectError" in s.body else "dropped"
+        return str(s.status)
+
+    kinds = Counter(kind(s) for s in after)
+    lost = [s for s in after if kind(s) == "dropped" or (s.status >= 500 and s.status != 503)]
+    result("sigterm", in_flight_at_term=in_flight, in_flight_ok=sum(s.status == 200 for s in started_before),
+           outcomes=dict(kinds), lost=len(lost), exit_s=f"{t_gone - t_term:.1f}", returncode=proc.returncode,
+           lost_sample=(lost[0].body[:120] if lost else ""))
+    assert proc.returncode == 0
+    assert all(s.status == 200 for s in started_before), Counter(kind(s) for s in started_before)
+    assert not lost, [s.body for s in lost][:3]
+    assert set(kinds) <= {"200", "503", "refused"}
