@@ -247,6 +247,7 @@ class Gate:
         self.max_pending_cost = max_pending_cost
         self.pending = 0
         self.cost = 0
+        self.draining = False  # set on shutdown: new requests get a 503, the admitted ones finish
 
     def deadline(self, request: Request) -> float:
         raw = request.headers.get(TIMEOUT_HEADER)
@@ -263,6 +264,9 @@ class Gate:
 
     def check(self, cost: int = 1) -> None:
         """Raise `Overloaded` if a request of this cost would not be admitted now."""
+        if self.draining:
+            raise Overloaded("this replica is shutting down; retry (another replica or the restarted service)",
+                             retry_after_s=self.retry_after_s)
         if self.pending >= self.max_pending:
             raise Overloaded(f"{self.pending} requests already pending in this replica (limit {self.max_pending}); "
                              "retry later", retry_after_s=self.retry_after_s)

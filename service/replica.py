@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ray import serve
+
 from service.config import AppArgs, BatchSettings
 from service.http import Gate
 from service.metrics import metrics
@@ -33,6 +35,11 @@ class ModelReplica:
         self.settings = BatchSettings.model_validate(user_config or {})
         self.run_batch.set_max_batch_size(self.settings.max_batch_size)
         self.run_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    def drain(self) -> dict[str, Any]:
+        """Stop admitting (new requests get a 503 + Retry-After) and report what is still in flight."""
+        self.gate.draining = True
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "pending": self.gate.pending}
 
     def ready(self) -> bool:
         return True  # __init__ returns only after loading and warming up

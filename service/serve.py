@@ -13,11 +13,18 @@ Locked down by default:
   The one exception is each Serve replica's inter-deployment gRPC server, which Ray Serve binds to [::]:0 in
   code; like every Ray gRPC server it refuses calls without the token. docs/ARCHITECTURE.md lists every
   socket. With another --host, HTTP and the dashboard listen there and Ray uses the machine's address.
+
+Ingress (--ingress, docs/BENCHMARKS.md "Ingress"): `throughput` (the default) is Ray Serve's
+RAY_SERVE_THROUGHPUT_OPTIMIZED mode: each ingress replica also serves HTTP itself (direct ingress, ports
+30000-31000 on --host), proxy and replicas talk gRPC. `default` is Serve's plain proxy. `haproxy` puts HAProxy
+in front (opt-in: its stats and metrics ports listen on all interfaces, whatever --host says). RAY_SERVE_*
+variables you set yourself win.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import secrets
@@ -37,6 +44,14 @@ from service.config import REPO_ROOT, AppArgs
 from service.runtime import ArtifactError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
+
+# Read by ray.serve._private.constants at import, in this process and every Serve actor (checked against Ray
+# 2.60). The KubeRay manifest sets the same for its pods (deploy/gen_kuberay.py: RAY_CONTAINER_ENV).
+INGRESS: dict[str, dict[str, str]] = {
+    "default": {},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
 
 
 def load_config(path: Path, *, host: str, port: int) -> dict[str, Any]:
@@ -114,6 +129,21 @@ def lock_down(host: str) -> Path | None:
     return Path(name)
 
 
+def choose_ingress(ingress: str, host: str) -> None:
+    """Set Serve's ingress variables before Ray starts (os.environ.setdefault: the user's own values win)."""
+    for var, value in INGRESS[ingress].items():
+        os.environ.setdefault(var, value)
+    if ingress == "throughput":
+        # Replicas' direct-ingress HTTP servers bind http_options.host (--host); this covers any HTTPOptions
+        # built without a host (Serve's default would be the machine's address).
+        os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
+    elif ingress == "haproxy":
+        print("attnserve serve: WARNING: --ingress haproxy: HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT,"
+              " 8404) and Prometheus exporter (RAY_SERVE_HAPROXY_METRICS_PORT, 9101) listen on all interfaces,"
+              " unauthenticated, whatever --host says: Ray 2.60 writes `bind *:` for both and has no setting to"
+              " change it. Use it only behind a firewall.", file=sys.stderr, flush=True)
+
+
 def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpus: int | None,
           host: str = "127.0.0.1") -> str:
     """Start Ray and deploy; returns the GCS address."""
@@ -161,12 +191,48 @@ def wait_ready(base: str, timeout_s: float) -> None:
     raise TimeoutError(f"not ready within {timeout_s:.0f} s")
 
 
-def stop(token_file: Path | None = None) -> None:
-    import ray
+MODEL_APPS = ("translator", "classifier")  # the Serve application names in deploy/serve_config.yaml
+
+
+async def _drain_and_shutdown(timeout_s: float) -> None:
+    """Before shutting Serve down, drain: every model replica stops admitting (503 + Retry-After) and we wait
+    until the requests it admitted have finished, so SIGTERM loses no admitted work. One event loop for both:
+    the handles made while draining belong to it (with the throughput-optimised ingress a handle's router
+    needs a running loop) and Serve's async shutdown closes them (the sync one fails on a closed loop)."""
     from ray import serve
 
+    await _drain(timeout_s)
+    await serve.shutdown_async()
+
+
+async def _drain(timeout_s: float) -> None:
+    """Handle calls reach a random replica: call until every running replica reported nothing pending."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    for app in MODEL_APPS:
+        try:
+            handle = serve.get_app_handle(app)
+            status = serve.status().applications[app]
+            replicas = sum(d.replica_states.get("RUNNING", 0) for d in status.deployments.values())
+        except Exception:  # not deployed (a failed start): nothing to drain
+            continue
+        pending: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            calls = [handle.drain.remote() for _ in range(max(2 * replicas, 2))]
+            for got in await asyncio.gather(*calls, return_exceptions=True):
+                if isinstance(got, dict):
+                    pending[got["replica"]] = got["pending"]
+            if len(pending) >= replicas and not any(pending.values()):
+                break
+            await asyncio.sleep(0.1)
+
+
+def stop(token_file: Path | None = None) -> None:
+    import ray
+
     try:
-        serve.shutdown()
+        asyncio.run(_drain_and_shutdown(30.0))
     finally:
         ray.shutdown()
         if token_file is not None:
@@ -182,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port")
     p.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for Ray (default: the machine's)")
+    p.add_argument("--ingress", choices=sorted(INGRESS), default="throughput",
+                   help="Serve's ingress: throughput (default; direct ingress + gRPC, on --host), default (plain"
+                        " proxy), haproxy (opt-in: opens two unauthenticated ports on all interfaces)")
     p.add_argument("--no-export", action="store_true", help="fail instead of exporting missing artifacts")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     a = p.parse_args(argv)
@@ -199,6 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     t0, base = time.monotonic(), f"http://{a.host}:{a.port}"
     token_file = lock_down(a.host)
+    choose_ingress(a.ingress, a.host)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         gcs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
