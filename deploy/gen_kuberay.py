@@ -56,6 +56,11 @@ PROMETHEUS_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}  # kube-pro
 # The only differences from serve_config.yaml: inside a pod the proxy must listen on the pod IP (the local config
 # binds loopback), on the port KubeRay's serve Service targets.
 IN_CLUSTER_OVERRIDES = {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}}
+# Serve's ingress, as `attnserve serve` starts it by default (service/serve.py: INGRESS["throughput"];
+# docs/BENCHMARKS.md "Ingress"): direct ingress (each ingress replica also serves HTTP on a port in 30000-31000 of
+# its pod IP) and gRPC between proxy and replicas. Those ports are reached only from pods of this RayService
+# (attnserve-ray-internal below); user traffic still enters through the proxy on SERVE_PORT.
+RAY_CONTAINER_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 # (name, requests, limits, min/max pods). Memory limit == request: Ray sizes its object store from the limit
 # and an OOM-kill is clearer than slow swapping. Replicas ask 0.5 CPU each in the Serve config.
@@ -150,6 +155,7 @@ def _container(name: str, image: str, res: dict[str, str], *, head: bool) -> dic
             # operator predates authOptions (and drops the field) still starts with auth on, failing closed.
             {"name": "RAY_AUTH_MODE", "value": "token"},
             {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": AUTH_SECRET_KEY}}},
+            *({"name": k, "value": v} for k, v in RAY_CONTAINER_ENV.items()),
         ],
         "ports": ports,
         "resources": {"requests": dict(res), "limits": dict(res)},
@@ -249,9 +255,10 @@ def network_policies() -> list[dict[str, Any]]:
     ray_pods = {"podSelector": {"matchLabels": dict(LABELS)}}
     return [
         _policy("attnserve-default-deny", []),
-        # GCS (6379), raylets, object managers and worker processes (ports Ray picks, 10002-19999 by default)
-        # talk to each other: every port, but only between pods of this RayService (old and new cluster during
-        # an upgrade carry the same labels).
+        # GCS (6379), raylets, object managers and worker processes (ports Ray picks, 10002-19999 by default),
+        # proxies and replicas (inter-deployment gRPC, direct-ingress HTTP 30000-31000) talk to each other: every
+        # port, but only between pods of this RayService (old and new cluster during an upgrade carry the same
+        # labels).
         _policy("attnserve-ray-internal", [{"from": [ray_pods]}]),
         # The operator deploys serveConfigV2 and reads Serve's status through the head's dashboard.
         _policy("attnserve-dashboard-from-operator", [{
