@@ -148,7 +148,7 @@ class Observed:
         try:
             body = await self._read_body(scope, receive)
             self._check_body(scope, body)
-            await self.app(scope, _replay(body), send_observed)
+            await self.app(scope, _replay(body, receive), send_observed)
         except (ClientDisconnected, asyncio.CancelledError) as e:
             state["status"], state["code"] = ClientDisconnected.status, ClientDisconnected.code
             if isinstance(e, asyncio.CancelledError):
@@ -212,7 +212,9 @@ class Observed:
             m.errors.inc(1, {**tags, "code": state["code"] or f"http_{status}"})
 
 
-def _replay(body: bytes) -> Callable[[], Awaitable[dict]]:
+def _replay(body: bytes, receive_more: Callable[[], Awaitable[dict]]) -> Callable[[], Awaitable[dict]]:
+    """The buffered body once, then the connection's own messages: its `http.disconnect` is how a streaming
+    response (Starlette listens for it) learns that the client left, and stops its generator."""
     sent = False
 
     async def receive() -> dict:
@@ -220,8 +222,10 @@ def _replay(body: bytes) -> Callable[[], Awaitable[dict]]:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # like a real connection: nothing more until it closes
-        return {"type": "http.disconnect"}
+        while True:
+            message = await receive_more()
+            if message["type"] == "http.disconnect":
+                return message
 
     return receive
 

@@ -104,3 +104,16 @@ def test_expired_request_is_dropped_as_deadline(service):
                      and slots_free(s), timeout_s=30)
     assert value(after, "ray_attnserve_engine_dropped_total", reason="deadline") == before + 8
     assert slots_free(after)
+
+
+def test_client_leaving_a_stream_frees_its_slots(service):
+    before = dropped(service.metrics_url, "disconnect")
+    body = {"texts": [LONG] * 4, "max_new_tokens": 256, "stream": True}
+    with service.client() as c, c.stream("POST", "/v1/translate", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: token"):
+                break  # hang up after the first token
+    after = wait_for(service.metrics_url,
+                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="disconnect") >= before + 4
+                     and slots_free(s), timeout_s=30)
+    assert value(after, "ray_attnserve_engine_dropped_total", reason="disconnect") == before + 4
