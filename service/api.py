@@ -58,7 +58,7 @@ _merged: dict[str, Any] = {}
 class Api:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
-        route.model, route.max_body_bytes = "api", self.args.limits.max_body_bytes
+        route.configure("api", self.args)
         route.paths = route.paths | configure_v2(self.args)
 
     async def _call_all(self, method: str) -> list[Any]:

@@ -97,7 +97,7 @@ class Classifier(ModelReplica):
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.predict(np.zeros((2, 28, 28), np.uint8), rollout=attn)
-        route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
+        route.configure(self.rt.name, self.args)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "image-classification", "route": ROUTE,

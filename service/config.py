@@ -49,6 +49,33 @@ class ModelArgs(_Strict):
     warmup: bool = Field(True, description="run one batch per graph before reporting ready")
 
 
+class AuthArgs(_Strict):
+    """Optional API authentication with bearer tokens: on as soon as any token is configured.
+
+    Tokens come from an environment variable (comma-separated; in KubeRay from a Secret) and/or a file (one
+    per line, `#` comments), read when a replica starts; several may be valid at once (rotation). Ray's
+    metrics export port is Ray's, not the app's: protect it at the network (deploy/kuberay NetworkPolicies).
+    """
+
+    tokens_env: str = Field("ATTNSERVE_API_TOKENS", description="environment variable with comma-separated tokens")
+    tokens_file: str | None = Field(None, description="file with one token per line")
+    public_health: bool = Field(True, description="/healthz, /readyz and /v2/health/* answer without a token")
+    public_docs: bool = Field(True, description="the demo page, its files, /docs and /openapi.json answer without "
+                              "a token (the demo then needs one for the model routes)")
+
+    def tokens(self) -> tuple[bytes, ...]:
+        raw = os.environ.get(self.tokens_env, "").split(",")
+        if self.tokens_file:
+            raw += [ln.split("#", 1)[0] for ln in Path(self.tokens_file).read_text().splitlines()]
+        return tuple(dict.fromkeys(t.strip().encode() for t in raw if t.strip()))
+
+    def public_paths(self) -> tuple[str, ...]:
+        """Path prefixes that need no token (an exact path, or a prefix ending in /)."""
+        health = ("/healthz", "/readyz", "/v2/health/") if self.public_health else ()
+        docs = ("/", "/docs", "/openapi.json", "/static/") if self.public_docs else ()
+        return health + docs
+
+
 class AppArgs(_Strict):
     artifact_root: str = Field("artifacts", description="relative paths resolve against $ATTNSERVE_ARTIFACTS, "
                                "the working directory, then the repository root")
@@ -56,6 +83,7 @@ class AppArgs(_Strict):
     classifier: ModelArgs = ModelArgs(name="vit-fashion", max_pending_cost=2048)
     limits: Limits = Limits()
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503s")
+    auth: AuthArgs = AuthArgs()
 
     def resolved_root(self) -> Path:
         """Replicas may start in another working directory than the CLI: resolve the root deterministically."""

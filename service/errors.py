@@ -69,6 +69,13 @@ class ClientDisconnected(ServiceError):
     status, code = 499, "client_disconnected"
 
 
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str):
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="attnserve"'})
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 

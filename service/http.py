@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.message
+import hmac
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,12 +14,14 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 
+from service.config import AppArgs
 from service.errors import (
     BodyTooLarge,
     ClientDisconnected,
     DeadlineExceeded,
     InvalidRequest,
     Overloaded,
+    Unauthorized,
     UnsupportedMediaType,
     install_handlers,
     to_response,
@@ -42,6 +45,9 @@ def _error(desc: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
 # Every status a model route can answer besides 200 (route-specific ones, like the classifier's 400, are added by
 # the route). 499 (`client_disconnected`) is only counted in the metrics: the client is gone, nothing is sent.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _error("no or an invalid `Authorization: Bearer` token (`unauthorized`); only when API tokens are "
+                "configured", {"WWW-Authenticate": {"description": "Bearer realm=\"attnserve\"",
+                                                   "schema": {"type": "string"}}}),
     413: _error("body over the cap (`body_too_large`)"),
     415: _error("Content-Type not accepted by this route (`unsupported_media_type`)"),
     422: _error("schema violation, invalid JSON or UTF-8, bad X-Timeout-Ms (`invalid_request`) or a limit from "
@@ -109,6 +115,28 @@ class RouteSettings:
     paths: frozenset[str] = frozenset()  # if set, the route tag is the request path when listed, else "other"
     # Content-Types accepted for request bodies (else 415); () = the app takes no bodies (405 from the router).
     media_types: tuple[str, ...] = ("application/json",)
+    tokens: tuple[bytes, ...] = ()  # API bearer tokens (config AuthArgs); () = authentication off
+    public: tuple[str, ...] = ()  # paths (or prefixes ending in /) that need no token
+
+    def configure(self, model: str, args: AppArgs) -> None:
+        """What the deployment knows only at start: its model name, body cap and the API tokens."""
+        self.model, self.max_body_bytes = model, args.limits.max_body_bytes
+        self.tokens = args.auth.tokens()
+        # Public paths are the api app's (mounted at "/"): in a model app, "/" is the model route itself.
+        self.public = args.auth.public_paths() if self.route == "/" else ()
+
+    def check_auth(self, path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        """401 unless authentication is off, the path is public, or a configured bearer token is sent."""
+        if not self.tokens or any(path == p or (p.endswith("/") and p != "/" and path.startswith(p))
+                                  for p in self.public):
+            return
+        given = dict(headers).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        # Every configured token is compared, in constant time, whatever matches: no timing hint.
+        ok = scheme.lower() == b"bearer" and sum(hmac.compare_digest(token.strip(), t) for t in self.tokens) > 0
+        if not ok:
+            raise Unauthorized("this route needs an API token: send `Authorization: Bearer <token>`"
+                               if not given else "the API token is not valid")
 
     def tag(self, path: str) -> str:
         if not self.paths:
@@ -146,6 +174,7 @@ class Observed:
             await send(message)
 
         try:
+            self.settings.check_auth(scope["path"][len(root):] or "/", scope.get("headers") or [])
             body = await self._read_body(scope, receive)
             self._check_body(scope, body)
             await self.app(scope, _replay(body, receive), send_observed)

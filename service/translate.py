@@ -124,7 +124,7 @@ class Translator(ModelReplica):
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn)
-        route.model, route.max_body_bytes = self.rt.name, self.limits.max_body_bytes
+        route.configure(self.rt.name, self.args)
 
     def _settings(self) -> EngineSettings:
         return EngineSettings(**self.engine_config.model_dump())

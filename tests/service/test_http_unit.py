@@ -104,3 +104,73 @@ def test_openapi_documents_every_status_and_the_deadline_header():
     assert content["multipart/form-data"]["schema"]["properties"]["return_attention"]["type"] == "boolean"
     for path in ("/readyz", "/v1/models"):
         assert "503" in doc["paths"][path]["get"]["responses"]
+
+
+def auth_app(tokens: tuple[bytes, ...]):
+    settings = RouteSettings("/t", tokens=tokens, public=("/healthz", "/static/"))
+    app = make_api("test", settings)
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"ok": True}
+
+    @app.post("/healthz")
+    async def health(request: Request) -> dict:
+        return {"ok": True}
+
+    @app.post("/static/x")
+    async def static(request: Request) -> dict:
+        return {"ok": True}
+
+    return app
+
+
+async def call_with(app, path: str, headers: list[tuple[bytes, bytes]]) -> list[dict]:
+    body = b"{}"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "server": ("t", 80),
+             "client": ("c", 1), "headers": [(b"content-type", b"application/json"),
+                                             (b"content-length", b"2"), *headers]}
+    sent: list[dict] = []
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("headers,status", [
+    ([], 401), ([(b"authorization", b"Bearer nope")], 401), ([(b"authorization", b"Basic a2V5")], 401),
+    ([(b"authorization", b"Bearer key-one")], 200), ([(b"authorization", b"bearer key-two")], 200),
+])
+def test_bearer_tokens(recorded, headers, status):
+    sent = asyncio.run(call_with(auth_app((b"key-one", b"key-two")), "/echo", headers))
+    assert sent[0]["status"] == status
+    if status == 401:
+        hdrs = dict(sent[0]["headers"])
+        assert hdrs[b"www-authenticate"] == b'Bearer realm="attnserve"'
+        assert json.loads(sent[1]["body"])["error"]["code"] == "unauthorized"
+        assert recorded[-1] == (401, "unauthorized")
+
+
+def test_public_paths_and_auth_off(recorded):
+    app = auth_app((b"key-one",))
+    assert asyncio.run(call_with(app, "/healthz", []))[0]["status"] == 200
+    assert asyncio.run(call_with(app, "/static/x", []))[0]["status"] == 200
+    assert asyncio.run(call_with(auth_app(()), "/echo", []))[0]["status"] == 200  # no tokens: auth off
+
+
+def test_tokens_from_env_and_file(tmp_path, monkeypatch):
+    from service.config import AuthArgs
+
+    (tmp_path / "tokens").write_text("# rotated weekly\nfile-token\n\n")
+    monkeypatch.setenv("ATTNSERVE_API_TOKENS", "env-a, env-b")
+    args = AuthArgs(tokens_file=str(tmp_path / "tokens"))
+    assert args.tokens() == (b"env-a", b"env-b", b"file-token")
+    monkeypatch.delenv("ATTNSERVE_API_TOKENS")
+    assert AuthArgs().tokens() == ()
