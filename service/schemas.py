@@ -45,6 +45,10 @@ class TranslateRequest(_Strict):
     beam_size: int = Field(1, ge=1, le=8, description="1 = greedy decoding.")
     max_new_tokens: int = Field(128, ge=1, le=256, description="Cap on generated target tokens per text.")
     return_attention: bool = Field(False, description="Also return the alignment (decoder cross-attention).")
+    attention_layer: int = Field(-1, ge=-16, le=15, description="Decoder layer of the alignment; negative counts from "
+                                 "the last (GET /v1/models: the model has `decoder_layers`). Out of range: 422.")
+    attention_heads: list[int] | None = Field(None, min_length=1, max_length=16, description="Heads averaged into "
+                                              "the alignment (0-based); null = all heads. Out of range: 422.")
     stream: bool = Field(False, description="Answer with Server-Sent Events: a `token` event per generated token "
                          "(greedy decoding; beam search sends only the final event), then a `done` event whose data "
                          "is the TranslateResponse.")

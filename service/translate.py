@@ -32,7 +32,7 @@ from service.errors import (
 )
 from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.replica import ModelReplica
-from service.runtime import TranslationResult, TranslatorRuntime
+from service.runtime import InputError, TranslationResult, TranslatorRuntime
 from service.runtime.attention import alignment
 from service.runtime.engine import EngineSettings, Sequence
 from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Translation, TranslationAttention
@@ -76,8 +76,10 @@ class Job:
         self.futures: list[asyncio.Future] = []
         self.made: list[tuple[Sequence, list[str], int, list[int]]] = []
         for i, text in enumerate(req.texts):
-            seq, pieces, layer, heads = rt.sequence(text, beam_size=req.beam_size, max_new_tokens=req.max_new_tokens,
-                                                    return_attention=req.return_attention)
+            seq, pieces, layer, heads = rt.sequence(
+                text, beam_size=req.beam_size, max_new_tokens=req.max_new_tokens,
+                return_attention=req.return_attention, attention_layer=req.attention_layer,
+                attention_heads=req.attention_heads)
             seq.deadline = deadline
             fut = loop.create_future()
             seq.on_done = self._resolver(fut)
@@ -144,6 +146,10 @@ class Translator(ModelReplica):
                 "labels": None, "precision": self.rt.precision, "device": self.rt.device}
 
     def check_limits(self, req: TranslateRequest) -> None:
+        try:  # layer/heads outside this model's: the schema cannot know them
+            self.rt.align_weights(req.attention_layer, req.attention_heads)
+        except InputError as e:
+            raise InvalidRequest(str(e), field="attention_layer" if "layer" in str(e) else "attention_heads") from None
         lim = self.limits
         if len(req.texts) > lim.max_texts:
             raise LimitExceeded(f"{len(req.texts)} texts, the limit is {lim.max_texts}", field="texts")
