@@ -265,8 +265,10 @@ async def call(app: str, method: str, *args: Any, timeout_s: float | None = None
             return await call
         async with asyncio.timeout(timeout_s):
             return await call
+    except ServiceError:  # over gRPC (the throughput-optimised ingress) a replica's error arrives as itself
+        raise
     except Exception as e:
-        # A replica's exception arrives wrapped (RayTaskError, which may also subclass the original): unwrap it.
+        # Over Ray's actor calls it arrives wrapped (RayTaskError, which may also subclass the original): unwrap.
         cause = getattr(e, "cause", None)
         if isinstance(cause, ServiceError):
             raise cause from None
