@@ -24,6 +24,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "runtime"): ("bench.runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
     ("bench", "http"): ("bench.http:main", "the HTTP service vs a single-process baseline"),
     ("bench", "engine"): ("bench.engine:main", "continuous-batching engine vs request-level batching"),
+    ("bench", "explain"): ("bench.explain:main", "ViT attention maps vs random order: deletion/insertion curves"),
     ("bench", "soak"): ("bench.soak:main", "steady load at ~70% of capacity for N minutes: errors, latency, RSS"),
 }
 
