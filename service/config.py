@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.runtime.engine import EngineSettings
 from service.runtime.manifest import NAME_PATTERN  # names and versions are artifact folder names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -107,12 +108,22 @@ class BatchSettings(_Strict):
     max_batch_items: int = Field(64, ge=1, le=1024, description="texts/images per model call; bigger batches are split")
 
 
+_ENGINE = EngineSettings()
+
+
 class EngineConfig(_Strict):
     """The translator deployment's `user_config`: the decode engine's knobs, applied live by `reconfigure()`."""
 
-    max_slots: int = Field(64, ge=8, le=1024, description="live decoder rows per step (a beam-k text takes k)")
-    max_step_tokens: int = Field(2048, ge=64, le=65536,
+    # Defaults are the engine's own (service/runtime/engine.py: EngineSettings); this adds bounds and docs.
+    max_slots: int = Field(_ENGINE.max_slots, ge=8, le=1024,
+                           description="live decoder rows per step (a beam-k text takes k)")
+    max_step_tokens: int = Field(_ENGINE.max_step_tokens, ge=64, le=65536,
                                  description="per iteration: live rows plus source tokens of texts admitted")
-    admit_wait_s: float = Field(0.0, ge=0, le=1, description="hold new texts back this long to encode a fuller batch")
-    max_encoder_batch: int = Field(32, ge=1, le=256, description="texts encoded together at admission")
+    admit_wait_s: float = Field(_ENGINE.admit_wait_s, ge=0, le=1,
+                                description="hold new texts back this long to encode a fuller batch")
+    max_encoder_batch: int = Field(_ENGINE.max_encoder_batch, ge=1, le=256,
+                                   description="texts encoded together at admission")
+
+    def settings(self) -> EngineSettings:
+        return EngineSettings(**self.model_dump())
 

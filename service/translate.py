@@ -34,7 +34,7 @@ from service.http import ERROR_RESPONSES, RouteSettings, make_api
 from service.replica import ModelReplica
 from service.runtime import InputError, TranslationResult, TranslatorRuntime
 from service.runtime.attention import alignment
-from service.runtime.engine import EngineSettings, Sequence
+from service.runtime.engine import Sequence
 from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Translation, TranslationAttention
 
 ROUTE = "/v1/translate"
@@ -121,20 +121,18 @@ class Translator(ModelReplica):
         cfg = self.open(args, "translator", TranslatorRuntime)
         self.max_source_tokens = min(self.limits.max_source_tokens, self.rt.max_source_tokens)
         self.engine_config = EngineConfig()
-        self.loop = EngineLoop(self.rt.new_engine(self._settings()), asyncio.get_running_loop(), self.metrics,
-                               self.rt.name)
+        engine = self.rt.new_engine(self.engine_config.settings())
+        self.loop = EngineLoop(engine, asyncio.get_running_loop(), self.metrics, self.rt.name)
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn)
         route.configure(self.rt.name, self.args)
 
-    def _settings(self) -> EngineSettings:
-        return EngineSettings(**self.engine_config.model_dump())
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's user_config: the engine's knobs, applied at its next iteration without a restart."""
         self.engine_config = EngineConfig.model_validate(user_config or {})
-        self.loop.reconfigure(self._settings())
+        self.loop.reconfigure(self.engine_config.settings())
 
     def __del__(self) -> None:
         loop = getattr(self, "loop", None)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,13 @@ def artifacts_dir() -> Path:
     # A subprocess: the export loads torch, and ORT tests in this process should not share threads with it.
     subprocess.run([sys.executable, "-m", "service.cli", "export", "--out", str(out)], cwd=REPO, check=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def service_artifacts(request: pytest.FixtureRequest) -> Path:
+    """The artifact root a test service runs: $ATTNSERVE_TEST_ARTIFACTS, else ``artifacts_dir``."""
+    override = os.environ.get("ATTNSERVE_TEST_ARTIFACTS")
+    return Path(override) if override else request.getfixturevalue("artifacts_dir")
 
 
 def _tiny_checkpoints(root: Path) -> dict[str, Path]:

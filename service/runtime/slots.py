@@ -75,9 +75,6 @@ class SlotBuffers:
     def _kv(self, rows: int, length: int) -> np.ndarray:
         return np.zeros((rows, self.heads, length, self.head_dim), np.float32)
 
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.cache, *self.cross))
-
     def fit(self, n: int, rows_needed: int, positions_needed: int, source_needed: int) -> None:
         """Resize rows, cache and cross capacity to what the live rows need, keeping live rows ``[0, n)``."""
         rows = self._target(self.rows, rows_needed, rows_needed)

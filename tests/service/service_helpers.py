@@ -12,6 +12,10 @@ import numpy as np
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+# The session service's config (tests/service/conftest.py): limits small enough to reach every error status.
+TEST_LIMITS = {"max_body_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_text_chars": 300}
+TRANSLATOR_MAX_PENDING = 16
+
 
 def png(arr: np.ndarray | None = None, *, seed: int = 0, mode: str | None = None, fmt: str = "PNG") -> bytes:
     if arr is None:

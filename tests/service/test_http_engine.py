@@ -80,6 +80,16 @@ def slots_free(s) -> bool:
     return value(s, "ray_attnserve_engine_slots_in_use") == 0
 
 
+def expect_dropped(service, reason: str, before: float, n: int) -> None:
+    """Exactly ``n`` more texts dropped for ``reason``, and no slot left in use."""
+    def count(s) -> float:
+        return value(s, "ray_attnserve_engine_dropped_total", reason=reason)
+
+    after = wait_for(service.metrics_url, lambda s: count(s) >= before + n and slots_free(s), timeout_s=30)
+    assert count(after) == before + n
+    assert slots_free(after)
+
+
 def test_disconnected_client_frees_its_slots(service):
     before = dropped(service.metrics_url, "disconnect")
     try:
@@ -87,11 +97,7 @@ def test_disconnected_client_frees_its_slots(service):
             c.post("/v1/translate", json={"texts": [LONG] * 16, "max_new_tokens": 256})
     except httpx.TimeoutException:
         pass  # the client hangs up mid-decode
-    after = wait_for(service.metrics_url,
-                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="disconnect") >= before + 16
-                     and slots_free(s), timeout_s=30)
-    assert value(after, "ray_attnserve_engine_dropped_total", reason="disconnect") == before + 16
-    assert slots_free(after)
+    expect_dropped(service, "disconnect", before, 16)
 
 
 def test_expired_request_is_dropped_as_deadline(service):
@@ -100,11 +106,7 @@ def test_expired_request_is_dropped_as_deadline(service):
         r = c.post("/v1/translate", json={"texts": [LONG] * 8, "max_new_tokens": 256},
                    headers={"X-Timeout-Ms": "300"})
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-    after = wait_for(service.metrics_url,
-                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="deadline") >= before + 8
-                     and slots_free(s), timeout_s=30)
-    assert value(after, "ray_attnserve_engine_dropped_total", reason="deadline") == before + 8
-    assert slots_free(after)
+    expect_dropped(service, "deadline", before, 8)
 
 
 def test_client_leaving_a_stream_frees_its_slots(service):
@@ -114,10 +116,7 @@ def test_client_leaving_a_stream_frees_its_slots(service):
         for line in r.iter_lines():
             if line.startswith("event: token"):
                 break  # hang up after the first token
-    after = wait_for(service.metrics_url,
-                     lambda s: value(s, "ray_attnserve_engine_dropped_total", reason="disconnect") >= before + 4
-                     and slots_free(s), timeout_s=30)
-    assert value(after, "ray_attnserve_engine_dropped_total", reason="disconnect") == before + 4
+    expect_dropped(service, "disconnect", before, 4)
 
 
 def test_alignment_layer_and_heads_are_chosen_per_request(service):

@@ -10,9 +10,8 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from conftest import TEST_LIMITS, TRANSLATOR_MAX_PENDING
 from PIL import Image, ImageOps
-from service_helpers import b64, png, settled, value, wait_for
+from service_helpers import TEST_LIMITS, TRANSLATOR_MAX_PENDING, b64, png, settled, value, wait_for
 
 pytestmark = pytest.mark.slow
 

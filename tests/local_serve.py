@@ -1,0 +1,77 @@
+"""`attnserve serve` as a subprocess on free loopback ports: shared by tests/service and tests/reliability.
+
+Ray starts as shipped (token auth with a per-start token, loopback node); the caller's Ray and artifact
+variables are dropped so the config given here is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shipped_config() -> dict:
+    return yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text())
+
+
+@dataclass
+class Service:
+    base: str
+    metrics_url: str
+    config: dict
+    log: Path
+    pid: int  # the `attnserve serve` process; Ray's processes are its descendants
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=120, **kw)
+
+
+def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None) -> tuple[Service, subprocess.Popen]:
+    """Start with ``config`` and wait until ready (minutes on a loaded 2-core machine); fail with its log."""
+    (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    port, metrics_port = free_port(), free_port()
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    for var in ("ATTNSERVE_ARTIFACTS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        full_env.pop(var, None)
+    log = tmp / "serve.log"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(tmp / "serve_config.yaml"),
+           "--port", str(port), "--metrics-port", str(metrics_port), "--no-export"]
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 600
+    while "Ctrl-C to stop" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_service(proc)
+            pytest.fail(f"attnserve serve did not become ready:\n{log.read_text()[-4000:]}")
+        time.sleep(1)
+    return Service(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", config, log,
+                   proc.pid), proc
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    """SIGTERM (the service drains and stops Ray), SIGKILL after 90 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
