@@ -33,7 +33,17 @@ def real_cases(spec: GraphSpec, model: torch.nn.Module, snap: Path) -> dict[str,
         return {}
     name = spec.inputs[0].name
     x = data[0][:8] if name == "images" else normalize(data[0][:8]).numpy()
-    return {"test_images_batch8": {name: x}, "test_image_batch1": {name: x[3:4]}}
+    cases = {"test_images_batch8": {name: x}, "test_image_batch1": {name: x[3:4]}}
+    if any(t.name == "cls_weights" for t in spec.inputs):  # the API's choices: one layer's head mean, all layers
+        cfg = model.cfg
+        w = np.zeros((len(x), cfg.depth, cfg.heads), np.float32)
+        for i in range(len(x)):
+            if i % 3 == 2:
+                w[i] = 1.0 / (cfg.depth * cfg.heads)
+            else:
+                w[i, (-1 - i) % cfg.depth] = 1.0 / cfg.heads
+        cases = {k: {**v, "cls_weights": w[: len(v[name])] if k.endswith("8") else w[3:4]} for k, v in cases.items()}
+    return cases
 
 
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:

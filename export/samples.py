@@ -38,7 +38,7 @@ def random_inputs(spec: GraphSpec, dims: dict[str, int], sizes: dict[str, int], 
             out[t.name] = pos.astype(np.int64)
         elif t.dtype == "uint8":
             out[t.name] = rng.integers(0, 256, size=shape).astype(np.uint8)
-        elif t.name == "align_weights":
+        elif t.name in ("align_weights", "cls_weights"):
             out[t.name] = rng.random(shape).astype(np.float32)
         elif t.name == "tgt_ids":
             ids = rng.integers(4, dims["vocab"], size=shape)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from export.wrappers import DecoderGraph, EncoderGraph, SlotStepGraph, ViTGraph, ViTServeGraph
+from export.wrappers import DecoderGraph, EncoderGraph, SlotStepGraph, ViTClsGraph, ViTGraph, ViTServeGraph
 from models.train_vit import MEAN, STD  # the pixel statistics the ViT was trained with
 
 DYNAMIC = ("batch", "src_len", "tgt_len", "past_len", "slots", "cache_len")
@@ -108,6 +108,8 @@ STEP_OUTPUTS = (
 IMAGES_U8 = TensorSpec("images", "uint8", ("batch", "image_size", "image_size"))
 PROBS = TensorSpec("probs", "float32", ("batch", "classes"))
 ROLLOUT = TensorSpec("rollout", "float32", ("batch", "grid", "grid"))
+CLS_WEIGHTS = TensorSpec("cls_weights", "float32", ("batch", "layers", "heads"))
+CLS_MAP = TensorSpec("cls_attention", "float32", ("batch", "grid", "grid"))
 VIT_GRAPHS = (
     GraphSpec("vit", lambda m: ViTGraph(m, attention=False), (PIXELS,), (LOGITS,)),
     GraphSpec("vit_attn", lambda m: ViTGraph(m, attention=True), (PIXELS,), (LOGITS, VIT_ATTN)),
@@ -115,6 +117,9 @@ VIT_GRAPHS = (
     GraphSpec("classify", lambda m: ViTServeGraph(m, rollout=False, mean=MEAN, std=STD), (IMAGES_U8,), (PROBS,)),
     GraphSpec("classify_rollout", lambda m: ViTServeGraph(m, rollout=True, mean=MEAN, std=STD), (IMAGES_U8,),
               (PROBS, ROLLOUT)),
+    # The CLS token's attention over the patches, per-row weights over layers x heads (the API's "cls" map).
+    GraphSpec("classify_cls", lambda m: ViTClsGraph(m, mean=MEAN, std=STD), (IMAGES_U8, CLS_WEIGHTS),
+              (PROBS, CLS_MAP)),
 )
 TRANSLATOR_GRAPHS = (
     GraphSpec("encoder", lambda m: EncoderGraph(m, attention=False), (SRC_IDS,), (CROSS_KV,)),

@@ -52,6 +52,28 @@ class ViTServeGraph(nn.Module):
         return probs, cls.reshape(-1, grid, grid)
 
 
+class ViTClsGraph(nn.Module):
+    """images (B,H,W) uint8, cls_weights (B,L,nh) -> probs (B,C), cls_attention (B,g,g).
+
+    The CLS token's attention over the patches, weighted per row over layers x heads by ``cls_weights`` (the
+    service sends 1/k on the k chosen layer-head pairs) and renormalised over the patches. Per-row weights
+    keep rows independent, so one call serves requests with different choices; only g*g weights per image
+    leave the graph instead of every layer's (nh, T, T) maps.
+    """
+
+    def __init__(self, model: ViT, *, mean: float, std: float) -> None:
+        super().__init__()
+        self.model, self.mean, self.std = model, mean, std
+
+    def forward(self, images: Tensor, cls_weights: Tensor) -> tuple[Tensor, Tensor]:
+        x = (images.float()[:, None] / 255.0 - self.mean) / self.std
+        logits, attn = self.model(x, return_attention=True)
+        cls = torch.einsum("blh,lbhp->bp", cls_weights, attn[:, :, :, 0, 1:])  # (B, g*g)
+        cls = cls / cls.sum(-1, keepdim=True).clamp_min(1e-30)  # all-zero weights: zeros, not NaN
+        grid = self.model.cfg.grid
+        return logits.softmax(-1), cls.reshape(-1, grid, grid)
+
+
 class EncoderGraph(nn.Module):
     """src_ids (B,S) -> cross_kv (L,2,B,nh,S,hs) [, encoder_attentions (L,B,nh,S,S)].
 
@@ -108,4 +130,4 @@ class SlotStepGraph(nn.Module):
         return values, ids, alignment, new_kv
 
 
-__all__ = ["PAD", "DecoderGraph", "EncoderGraph", "SlotStepGraph", "ViTGraph", "ViTServeGraph"]
+__all__ = ["PAD", "DecoderGraph", "EncoderGraph", "SlotStepGraph", "ViTClsGraph", "ViTGraph", "ViTServeGraph"]

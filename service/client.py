@@ -100,15 +100,36 @@ class Client:
                          headers={"Accept": "image/png"})
         return r.content
 
-    def classify(self, images: list[bytes], *, top_k: int = 3, return_attention: bool = False) -> ClassifyResponse:
+    def classify(self, images: list[bytes], *, top_k: int = 3, return_attention: bool = False,
+                 attention: str = "rollout", layers: list[int] | None = None,
+                 heads: list[int] | None = None) -> ClassifyResponse:
+        """`attention`: "rollout" or "cls" (the CLS token's attention, mean over `layers` and `heads`)."""
         body = {"images": [base64.b64encode(i).decode() for i in images], "top_k": top_k,
-                "return_attention": return_attention}
+                "return_attention": return_attention, **_map_choice(attention, layers, heads)}
         return ClassifyResponse.model_validate_json(self.request("POST", "/v1/classify", json=body).content)
 
-    def classify_png(self, image: bytes) -> bytes:
-        """The image with its attention rollout overlaid, drawn by the server."""
-        body = {"images": [base64.b64encode(image).decode()]}
+    def classify_png(self, image: bytes, *, attention: str = "rollout", layers: list[int] | None = None,
+                     heads: list[int] | None = None) -> bytes:
+        """The image with its attention map overlaid, drawn by the server."""
+        body = {"images": [base64.b64encode(image).decode()], **_map_choice(attention, layers, heads)}
         return self.request("POST", "/v1/classify", json=body, headers={"Accept": "image/png"}).content
+
+
+def _map_choice(attention: str, layers: list[int] | None, heads: list[int] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"attention": attention}
+    if layers is not None:
+        out["attention_layers"] = layers
+    if heads is not None:
+        out["attention_heads"] = heads
+    return out
+
+
+def indices(text: str) -> list[int]:
+    """argparse type: "0,2" or "-1" -> [0, 2] / [-1]."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,2 or -1, got {text!r}") from None
 
 
 # --- the commands ----------------------------------------------------------------------------------------------
@@ -160,7 +181,14 @@ def classify_main(argv: list[str] | None = None) -> None:
     p = _parser("attnserve classify", "Classify PNG/JPEG images with a running attnserve (Fashion-MNIST ViT).")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--map", choices=("rollout", "cls"), default="rollout",
+                   help="attention map of --png and --attention: rollout, or the CLS token's attention (cls)")
+    p.add_argument("--layers", type=indices, metavar="0,5", help="cls: layers averaged (default: the last)")
+    p.add_argument("--heads", type=indices, metavar="0,2", help="cls: heads averaged (default: all)")
+    p.add_argument("--attention", action="store_true", help="print each image's most attended patches")
     args = p.parse_args(argv)
+    if args.map != "cls" and (args.layers or args.heads):
+        p.error("--layers and --heads choose the CLS map: add --map cls")
     if args.png and len(args.images) != 1:
         p.error("--png draws one image: give one IMAGE")
     missing = [str(i) for i in args.images if not i.is_file()]
@@ -169,13 +197,20 @@ def classify_main(argv: list[str] | None = None) -> None:
 
     def go() -> None:
         data = [i.read_bytes() for i in args.images]
+        choice = {"attention": args.map, "layers": args.layers, "heads": args.heads}
         with Client(args.url, args.token) as c:
-            resp = c.classify(data, top_k=args.top_k)
+            resp = c.classify(data, top_k=args.top_k, return_attention=args.attention, **choice)
             for path, pred in zip(args.images, resp.predictions, strict=True):
                 others = ", ".join(f"{s.label} {s.score:.1%}" for s in pred.top_k[1:])
                 print(f"{path}: {pred.label} {pred.score:.1%}" + (f"  ({others})" if others else ""))
+                if pred.attention is not None:
+                    a = pred.attention
+                    cells = sorted(((w, r, c) for r, row in enumerate(a.weights) for c, w in enumerate(row)),
+                                   reverse=True)[:3]
+                    top = ", ".join(f"row {r} col {c} ({w:.2f})" for w, r, c in cells)
+                    print(f"  {a.method} (layers {a.layers}, heads {a.heads}): most attended patches {top}")
             if args.png:
-                args.png.write_bytes(c.classify_png(data[0]))
+                args.png.write_bytes(c.classify_png(data[0], **choice))
                 print(f"wrote {args.png}", file=sys.stderr)
 
     _run(go)

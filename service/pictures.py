@@ -46,6 +46,7 @@ class Picture:
     y_labels: list[str] = field(default_factory=list)
     scale: tuple[float, float] = (0.0, 1.0)  # the weights at the two ends of the colour scale
     title: str = ""
+    caption: str = ""  # which map (ViT overlay) or which layers and heads (alignment)
 
 
 @lru_cache(maxsize=8)
@@ -165,9 +166,25 @@ def _display_image(raw: bytes) -> Image.Image:
     return img
 
 
+def map_caption(method: str, layers: list[int], heads: list[int]) -> str:
+    """What a ViT map is, in words: "attention rollout (all 6 layers)", "CLS attention, layer 5, heads 0-3 mean"."""
+    def span(xs: list[int]) -> str:
+        if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
+            return f"{xs[0]}-{xs[-1]}"
+        return ",".join(map(str, xs))
+
+    if method == "rollout":
+        return f"attention rollout (all {len(layers)} layers, head means)"
+    what = (f"CLS attention, {'layer' if len(layers) == 1 else 'layers'} {span(layers)}, "
+            f"{'head' if len(heads) == 1 else 'heads'} {span(heads)}")
+    return what + " mean" if len(layers) * len(heads) > 1 else what
+
+
 def overlay_png(raw: bytes, rollout: np.ndarray | list[list[float]], *, title: str = "", side: int = 280,
-                alpha: float = 0.55) -> Picture:
-    """The input image and, beside it, the image with the rollout (bicubic-upscaled) over it, plus a legend."""
+                alpha: float = 0.55, caption: str = "attention rollout") -> Picture:
+    """The input image and, beside it, the image with the map (bicubic-upscaled) over it, plus a legend.
+
+    ``caption`` names the map (``map_caption``); it is printed under the pictures."""
     img = _display_image(raw)
     resample = Image.Resampling.NEAREST if img.width * 4 <= side else Image.Resampling.LANCZOS
     img = img.resize((side, side), resample)
@@ -184,9 +201,14 @@ def overlay_png(raw: bytes, rollout: np.ndarray | list[list[float]], *, title: s
     canvas.paste(img, (pad, title_h))
     canvas.paste(blended, (2 * pad + side, title_h))
     _legend(draw, canvas, 3 * pad + 2 * side, title_h, side, lo, hi, small)
-    draw.text((pad, title_h + side + 6), f"input | attention rollout (CLS -> patches, bicubic); {LEGEND_NOTE}",
-              fill=MUTED, font=small)
-    return Picture(_encode(canvas), canvas.size, [], [], (lo, hi), title)
+    note = f"input | {caption} (CLS -> patches, bicubic); {LEGEND_NOTE}"
+    width = max(canvas.width, _text_size(draw, note, small)[0] + 2 * pad)
+    if width > canvas.width:  # a long caption widens the picture rather than being cut off
+        wide = Image.new("RGB", (width, canvas.height), BG)
+        wide.paste(canvas, (0, 0))
+        canvas, draw = wide, ImageDraw.Draw(wide)
+    draw.text((pad, title_h + side + 6), note, fill=MUTED, font=small)
+    return Picture(_encode(canvas), canvas.size, [], [], (lo, hi), title, caption)
 
 
 # --- HTTP: content negotiation on POST /v1/translate and POST /v1/classify (`Accept: image/png`) -------------
@@ -251,9 +273,15 @@ async def alignment_response(resp: TranslateResponse) -> Response:
     return _png_response(pic, {"X-Model": resp.model, "X-Model-Version": resp.version})
 
 
-async def overlay_response(raw: bytes, resp: ClassifyResponse, rollout: np.ndarray) -> Response:
-    """A ClassifyResponse of one image and its (7, 7) rollout -> the overlay PNG."""
+async def overlay_response(raw: bytes, resp: ClassifyResponse) -> Response:
+    """A ClassifyResponse of one image with its attention map -> the overlay PNG, the map named in the caption
+    and in the `X-Attention` header."""
     (p,) = resp.predictions
-    pic = await asyncio.to_thread(overlay_png, raw, rollout,
+    a = p.attention
+    if a is None:
+        raise AssertionError("a picture needs the prediction's attention map")
+    caption = map_caption(a.method, a.layers, a.heads)
+    pic = await asyncio.to_thread(overlay_png, raw, a.weights, caption=caption,
                                   title=f"{resp.model} {resp.version}: {p.label} ({p.score:.1%})")
-    return _png_response(pic, {"X-Model": resp.model, "X-Model-Version": resp.version, "X-Label": p.label})
+    return _png_response(pic, {"X-Model": resp.model, "X-Model-Version": resp.version, "X-Label": p.label,
+                               "X-Attention": caption})

@@ -29,6 +29,11 @@ def _encodable(text: str) -> str:
 
 
 Utf8Text = Annotated[str, AfterValidator(_encodable)]
+# Published maxima of layer and head indices (a model's own ranges, smaller, are in GET /v1/models' answers and
+# in the 422 for an index outside them).
+MAX_LAYERS, MAX_HEADS = 16, 16
+LayerIndex = Annotated[int, Field(ge=-MAX_LAYERS, le=MAX_LAYERS - 1)]
+HeadIndex = Annotated[int, Field(ge=0, le=MAX_HEADS - 1)]
 Base64Image = Annotated[
     str,
     StringConstraints(min_length=1),
@@ -82,12 +87,28 @@ class TranslateResponse(BaseModel):
     translations: list[Translation]
 
 
+CLASSIFIER_MAPS = (
+    "Which map `return_attention` returns: `rollout` (default), the attention rollout of the CLS token onto the "
+    "patches over all layers (each layer's head mean mixed 0.5/0.5 with the identity, layers multiplied); or "
+    "`cls`, the raw attention of the CLS token over the patches, mean over `attention_layers` and "
+    "`attention_heads`, renormalised over the patches. Both run one attention graph; how well each finds the "
+    "evidence (deletion/insertion against random order): docs/BENCHMARKS.md, `attnserve bench explain`.")
+
+
 class ClassifyRequest(_Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "top_k": 3}]})
 
     images: list[Base64Image] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG images.")
     top_k: int = Field(3, ge=1, le=10)
-    return_attention: bool = Field(False, description="Also return the 7x7 attention rollout of CLS onto patches.")
+    return_attention: bool = Field(False, description="Also return a 7x7 attention map over the patches (`attention`"
+                                   " picks which).")
+    attention: Literal["rollout", "cls"] = Field("rollout", description=CLASSIFIER_MAPS)
+    attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
+        "`cls` only: encoder layers averaged into the map; negative counts from the last; duplicates are merged; "
+        "null = the last layer. Outside the model's layers (GET /v1/models: `encoder_layers`): 422."))
+    attention_heads: list[HeadIndex] | None = Field(None, min_length=1, max_length=MAX_HEADS, description=(
+        "`cls` only: heads averaged into the map (0-based; duplicates are merged); null = all. Outside the "
+        "model's heads (GET /v1/models: `heads`): 422."))
 
 
 class LabelScore(BaseModel):
@@ -96,8 +117,12 @@ class LabelScore(BaseModel):
 
 
 class ClassifierAttention(BaseModel):
+    method: Literal["rollout", "cls"] = Field(description="Which map: see the request's `attention`.")
     grid: list[int] = Field(description="[rows, cols] of the patch grid, [7, 7].")
-    rollout: list[list[float]] = Field(description="Attention rollout of the CLS token onto the patches (sums to 1).")
+    weights: list[list[float]] = Field(description="grid rows x grid cols: attention of the CLS token over the "
+                                       "patches (row-major as the image), summing to 1.")
+    layers: list[int] = Field(description="Layers the map comes from (rollout: all of them).")
+    heads: list[int] = Field(description="Heads averaged into the map (rollout: all of them).")
 
 
 class Prediction(BaseModel):
@@ -132,6 +157,11 @@ class ModelInfo(BaseModel):
     labels: list[str] | None = None
     precision: str
     device: str
+    encoder_layers: int | None = Field(None, description="Transformer encoder layers (the ViT's layers): the range "
+                                       "of `attention_layers` (classify) and `encoder_attention_layers` (translate).")
+    decoder_layers: int | None = Field(None, description="Decoder layers (translator): the range of "
+                                       "`attention_layers` on /v1/translate.")
+    heads: int | None = Field(None, description="Attention heads per layer: the range of the `*_heads` choices.")
 
 
 class ModelsResponse(BaseModel):

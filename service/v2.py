@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import math
+import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -51,34 +52,50 @@ class TensorSpec(BaseModel):
 
 
 class Param(BaseModel):
-    kind: type
+    kind: type  # bool, int, str (one of `choices`), or list: whole numbers, comma-separated in a string ("0,2")
     default: Any
-    lo: int | None = None
+    lo: int | None = None  # int and list items
     hi: int | None = None
     doc: str = ""
+    choices: tuple[str, ...] = ()
 
     model_config = {"arbitrary_types_allowed": True}
 
+    def describe(self) -> str:
+        kind = {list: "string of comma-separated integers", str: "string"}.get(self.kind, self.kind.__name__)
+        bounds = "" if self.lo is None else f" {self.lo}..{self.hi if self.hi is not None else ''}"
+        if self.choices:
+            bounds = f" {' | '.join(self.choices)}"
+        default = "" if self.default is None else f", default {self.default!r}"
+        return f"{kind}{bounds}{default}: {self.doc}"
 
-def _p(kind: type, default: Any, lo: int | None = None, hi: int | None = None, doc: str = "") -> Param:
-    return Param(kind=kind, default=default, lo=lo, hi=hi, doc=doc)
+
+def _p(kind: type, default: Any, lo: int | None = None, hi: int | None = None, doc: str = "",
+       choices: tuple[str, ...] = ()) -> Param:
+    return Param(kind=kind, default=default, lo=lo, hi=hi, doc=doc, choices=choices)
+
+
+INTS = re.compile(r"-?[0-9]+(,-?[0-9]+)*")
+MAX_INDICES = 16  # items in a list parameter, as /v1's attention_layers and attention_heads
 
 
 class ModelSpec:
-    """One model's v2 face: its Serve app, inputs, outputs (default and attention ones), parameters."""
+    """One model's v2 face: its Serve app, inputs, outputs, parameters, and which outputs need which graph."""
 
     def __init__(self, app: str, inputs: list[TensorSpec], outputs: list[TensorSpec], default: tuple[str, ...],
-                 attention: tuple[str, ...], graph: str, params: dict[str, Param], docs: dict[str, str]) -> None:
+                 extra: Callable[[dict[str, Any]], list[str]], needs: dict[str, str], params: dict[str, Param],
+                 docs: dict[str, str]) -> None:
         self.app, self.inputs, self.outputs, self.params, self.docs = app, inputs, outputs, params, docs
-        # `attention`: added to the default outputs by return_attention; `graph`: the output that needs the
-        # model's attention graph (the others come free with every result).
-        self.default, self.attention, self.graph = default, attention, graph
+        # `extra(parameters)`: the outputs added to the default ones when no `outputs` are listed (what the
+        # return_* flags ask for); `needs`: output -> the boolean parameter whose attention graph it needs (the
+        # other outputs come free with every result).
+        self.default, self.extra, self.needs = default, extra, needs
         self.output_names = [o.name for o in outputs]
 
-    def wanted(self, req: codec.Request, return_attention: bool | None) -> list[codec.RequestOutput]:
-        """The outputs to return: the requested ones, else the default ones (+ attention ones if asked)."""
+    def wanted(self, req: codec.Request, p: dict[str, Any]) -> list[codec.RequestOutput]:
+        """The outputs to return: the requested ones, else the default ones (+ the attention ones asked for)."""
         if req.outputs is None:
-            names = list(self.default) + (list(self.attention) if return_attention else [])
+            names = list(dict.fromkeys([*self.default, *self.extra(p)]))
             return [codec.RequestOutput(name=n) for n in names]
         seen = set()
         for o in req.outputs:
@@ -90,8 +107,9 @@ class ModelSpec:
             for k in o.parameters:
                 if k not in ("binary_data", "classification"):
                     raise V2Error(f"output {o.name!r}: unknown parameter {k!r}; allowed: binary_data, classification")
-        if return_attention is False and self.graph in seen:
-            raise V2Error(f"return_attention is false, but {self.graph} is requested")
+        for name, flag in self.needs.items():
+            if name in seen and p.get(flag) is False:
+                raise V2Error(f"{flag} is false, but {name} is requested")
         return list(req.outputs)
 
 
@@ -102,7 +120,9 @@ TRANSLATOR = ModelSpec(
              TensorSpec(name="SOURCE_TOKENS", datatype=BYTES, shape=[-1, -1]),
              TensorSpec(name="TARGET_TOKENS", datatype=BYTES, shape=[-1, -1]),
              TensorSpec(name="ALIGNMENT", datatype="FP32", shape=[-1, -1, -1])],
-    default=("TRANSLATION",), attention=("SOURCE_TOKENS", "TARGET_TOKENS", "ALIGNMENT"), graph="ALIGNMENT",
+    default=("TRANSLATION",),
+    extra=lambda p: ["SOURCE_TOKENS", "TARGET_TOKENS", "ALIGNMENT"] if p["return_attention"] else [],
+    needs={"ALIGNMENT": "return_attention"},
     params={"beam_size": _p(int, 1, 1, 8, "1 = greedy decoding"),
             "max_new_tokens": _p(int, 128, 1, 256, "cap on generated target tokens per text"),
             "return_attention": _p(bool, None, doc="implied by requesting ALIGNMENT; true with no `outputs` "
@@ -118,6 +138,13 @@ TRANSLATOR = ModelSpec(
                      "tokens; zero where TARGET_TOKENS or SOURCE_TOKENS is padding. Runs the attention graph.",
     })
 
+
+def _classifier_maps(p: dict[str, Any]) -> list[str]:
+    if not p["return_attention"]:
+        return []
+    return ["CLS_ATTENTION" if p["attention"] == "cls" else "ROLLOUT"]
+
+
 CLASSIFIER = ModelSpec(
     "classifier",
     inputs=[TensorSpec(name="IMAGE", datatype="UINT8", shape=[-1, 28, 28]),
@@ -126,11 +153,19 @@ CLASSIFIER = ModelSpec(
              TensorSpec(name="LABEL", datatype=BYTES, shape=[-1]),
              TensorSpec(name="TOP_K_LABELS", datatype=BYTES, shape=[-1, -1]),
              TensorSpec(name="TOP_K_SCORES", datatype="FP32", shape=[-1, -1]),
-             TensorSpec(name="ROLLOUT", datatype="FP32", shape=[-1, 7, 7])],
-    default=("PROBABILITIES", "LABEL", "TOP_K_LABELS", "TOP_K_SCORES"), attention=("ROLLOUT",), graph="ROLLOUT",
+             TensorSpec(name="ROLLOUT", datatype="FP32", shape=[-1, 7, 7]),
+             TensorSpec(name="CLS_ATTENTION", datatype="FP32", shape=[-1, 7, 7])],
+    default=("PROBABILITIES", "LABEL", "TOP_K_LABELS", "TOP_K_SCORES"), extra=_classifier_maps,
+    needs={"ROLLOUT": "return_attention", "CLS_ATTENTION": "return_attention"},
     params={"top_k": _p(int, 3, 1, 10, "classes in TOP_K_LABELS and TOP_K_SCORES"),
-            "return_attention": _p(bool, None, doc="implied by requesting ROLLOUT; true with no `outputs` "
-                                   "returns every output")},
+            "return_attention": _p(bool, None, doc="implied by requesting ROLLOUT or CLS_ATTENTION; true with no "
+                                   "`outputs` adds the map `attention` names"),
+            "attention": _p(str, None, choices=("rollout", "cls"), doc="the map: ROLLOUT (rollout, the default) or "
+                            "CLS_ATTENTION (cls); implied by requesting one of them (one map per request)"),
+            "attention_layers": _p(list, None, -16, 15, "CLS_ATTENTION only: layers averaged, e.g. \"0,5\" "
+                                   "(negative counts from the last; duplicates merged); default the last"),
+            "attention_heads": _p(list, None, 0, 15, "CLS_ATTENTION only: heads averaged, e.g. \"0,2\"; "
+                                  "default all")},
     docs={
         "IMAGE": "UINT8 grayscale pixels, [n, 28, 28] or [n, 28, 28, 1], Fashion-MNIST style (light object on "
                  "black).",
@@ -141,9 +176,15 @@ CLASSIFIER = ModelSpec(
         "LABEL": "[n] the most likely label.",
         "TOP_K_LABELS": "[n, top_k] labels, most likely first.",
         "TOP_K_SCORES": "[n, top_k] their probabilities.",
-        "ROLLOUT": "[n, 7, 7] attention rollout of CLS onto the patches (sums to 1). Runs the attention graph.",
+        "ROLLOUT": "[n, 7, 7] attention rollout of CLS onto the patches over all layers (sums to 1; as /v1's "
+                   "`attention: rollout`). Runs the rollout graph. Output parameters `method`, `layers`, `heads`.",
+        "CLS_ATTENTION": "[n, 7, 7] the CLS token's attention over the patches, mean over the parameters "
+                         "`attention_layers` and `attention_heads`, renormalised (sums to 1; as /v1's `attention: "
+                         "cls`). Runs the CLS graph. Output parameters `method`, `layers`, `heads`. Not with ROLLOUT "
+                         "in one request.",
     })
 SPECS = {"translator": TRANSLATOR, "classifier": CLASSIFIER}
+ALL_ON = {"return_attention": True, "return_encoder_attention": True, "attention": None}  # for the docs
 # Request parameters every model takes (tritonclient sends these itself).
 COMMON_PARAMS = {"binary_data_output": _p(bool, False, doc="every output as binary tensor data"),
                  "timeout": _p(int, None, 1, None, "microseconds; shortens (never extends) the deadline")}
@@ -334,11 +375,9 @@ def _metadata(name: str, info: dict[str, Any]) -> ModelMetadata:
     docs = {f"{'input' if t.name in {i.name for i in spec.inputs} else 'output'}.{t.name}": spec.docs[t.name]
             for t in [*spec.inputs, *spec.outputs]}
     for k, p in {**spec.params, **COMMON_PARAMS}.items():
-        bounds = "" if p.lo is None else f" {p.lo}..{p.hi if p.hi is not None else ''}"
-        default = "" if p.default is None else f", default {p.default!r}"
-        docs[f"parameter.{k}"] = f"{p.kind.__name__}{bounds}{default}: {p.doc}"
+        docs[f"parameter.{k}"] = p.describe()
     docs["outputs.default"] = (f"without `outputs`: {', '.join(spec.default)}; with return_attention true also "
-                               f"{', '.join(spec.attention)}")
+                               f"{', '.join(spec.extra(ALL_ON))}")
     if info.get("labels"):
         docs["labels"] = ",".join(info["labels"])
     return ModelMetadata(name=name, versions=[info["version"]], platform=PLATFORM, inputs=spec.inputs,
@@ -447,13 +486,38 @@ def parameters(spec: ModelSpec, given: dict[str, Any]) -> dict[str, Any]:
         p = allowed.get(k)
         if p is None:
             raise V2Error(f"unknown parameter {k!r}; this model takes {', '.join(allowed)}")
-        ok = isinstance(v, bool) if p.kind is bool else (isinstance(v, int) and not isinstance(v, bool))
-        if not ok or (p.lo is not None and v < p.lo) or (p.hi is not None and v > p.hi):
-            hi = "" if p.hi is None else str(p.hi)
-            want = "true or false" if p.kind is bool else f"an integer in {p.lo}..{hi}"
-            raise V2Error(f"parameter {k!r} must be {want}, got {v!r}")
-        out[k] = v
+        out[k] = _parameter(k, p, v)
     return {k: out.get(k, p.default) for k, p in allowed.items()}
+
+
+def _parameter(k: str, p: Param, v: Any) -> Any:
+    """One request parameter checked against its Param (V2Error saying what is allowed)."""
+    hi = "" if p.hi is None else str(p.hi)
+
+    def in_range(x: int) -> bool:
+        return (p.lo is None or x >= p.lo) and (p.hi is None or x <= p.hi)
+
+    if p.kind is bool:
+        if isinstance(v, bool):
+            return v
+        want = "true or false"
+    elif p.kind is str:
+        if isinstance(v, str) and (not p.choices or v in p.choices):
+            return v
+        want = " or ".join(repr(c) for c in p.choices) if p.choices else "a string"
+    elif p.kind is list:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        if isinstance(v, str) and INTS.fullmatch(v):
+            items = [int(x) for x in v.split(",")]
+            if len(items) <= MAX_INDICES and all(in_range(x) for x in items):
+                return items
+        want = f"comma-separated integers in {p.lo}..{hi} (at most {MAX_INDICES}), e.g. \"0,2\""
+    else:
+        if isinstance(v, int) and not isinstance(v, bool) and in_range(v):
+            return v
+        want = f"an integer in {p.lo}..{hi}"
+    raise V2Error(f"parameter {k!r} must be {want}, got {v!r}")
 
 
 def client_timeout_s(request: Request, timeout_us: int | None) -> float | None:
@@ -506,8 +570,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     body = decoded_body(request, await request.body())
     req = codec.parse_request(body, request.headers.get(codec.HEADER))
     p = parameters(spec, req.parameters)
-    wanted = spec.wanted(req, p["return_attention"])
-    attention = any(o.name == spec.graph for o in wanted)
+    wanted = spec.wanted(req, p)
+    names = {o.name for o in wanted}
+    attention = any(spec.needs.get(n) == "return_attention" for n in names)
     timeout_s = client_timeout_s(request, p["timeout"])
     unknown = set(req.inputs) - {t.name for t in spec.inputs}
     if unknown:
@@ -520,8 +585,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         tensors, params = _translator_outputs(out["translations"]), _alignment_params(out["translations"])
     else:
         images, encoded_images = _images(req)
-        out = await call(app, "infer_images", images, encoded_images, attention, timeout_s)
-        tensors, params = _classifier_outputs(out, p["top_k"]), {}
+        method = _classifier_method(names, p)
+        out = await call(app, "infer_images", images, encoded_images, attention, timeout_s, method,
+                         p["attention_layers"], p["attention_heads"])
+        tensors, params = _classifier_outputs(out, p["top_k"]), _map_params(out)
     outputs = []
     for o in wanted:
         binary = o.parameters.get("binary_data", p["binary_data_output"])
@@ -606,6 +673,28 @@ def _alignment_params(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]
     return {"ALIGNMENT": {"layer": int(r["layer"]), "heads": ",".join(str(h) for h in r["heads"])}}
 
 
+def _classifier_method(names: set[str], p: dict[str, Any]) -> str:
+    """The map a classifier request asks for: from its requested output, else the `attention` parameter."""
+    asked = [n for n in ("ROLLOUT", "CLS_ATTENTION") if n in names]
+    if len(asked) == 2:
+        raise V2Error("one attention map per request: ROLLOUT or CLS_ATTENTION")
+    method = {"ROLLOUT": "rollout", "CLS_ATTENTION": "cls"}[asked[0]] if asked else (p["attention"] or "rollout")
+    if p["attention"] is not None and p["attention"] != method:
+        raise V2Error(f"parameter 'attention' is {p['attention']!r}, but {asked[0]} is requested")
+    return method
+
+
+def _indices(xs: list[int]) -> str:
+    return ",".join(str(x) for x in xs)
+
+
+def _map_params(out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    if out.get("attention") is None:
+        return {}
+    name = "CLS_ATTENTION" if out["method"] == "cls" else "ROLLOUT"
+    return {name: {"method": out["method"], "layers": _indices(out["layers"]), "heads": _indices(out["heads"])}}
+
+
 def _classifier_outputs(out: dict[str, Any], top_k: int) -> dict[str, tuple[np.ndarray, str]]:
     probs, labels = np.asarray(out["probs"], np.float32), out["labels"]
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
@@ -613,11 +702,11 @@ def _classifier_outputs(out: dict[str, Any], top_k: int) -> dict[str, tuple[np.n
     names[...] = [[labels[j].encode("utf-8") for j in row] for row in order]
     best = np.empty(len(probs), dtype=object)
     best[:] = [labels[int(row[0])].encode("utf-8") for row in order]
-    rollout = out.get("rollout")
+    maps = out.get("attention")
+    maps = np.zeros((len(probs), 7, 7), np.float32) if maps is None else np.asarray(maps, np.float32)
     return {"PROBABILITIES": (probs, "FP32"), "LABEL": (best, BYTES), "TOP_K_LABELS": (names, BYTES),
-            "TOP_K_SCORES": (np.take_along_axis(probs, order, axis=1), "FP32"),
-            "ROLLOUT": (np.zeros((len(probs), 7, 7), np.float32) if rollout is None else
-                        np.asarray(rollout, np.float32), "FP32")}
+            "TOP_K_SCORES": (np.take_along_axis(probs, order, axis=1), "FP32"), "ROLLOUT": (maps, "FP32"),
+            "CLS_ATTENTION": (maps, "FP32")}
 
 
 def _classification(name: str, k: Any, tensors: dict[str, tuple[np.ndarray, str]],

@@ -1,8 +1,49 @@
-"""Attention maps from raw probabilities (numpy): ViT rollout and CLS attention, translation alignment."""
+"""Attention maps from raw probabilities (numpy): ViT rollout and CLS attention, translation alignment; and
+the per-request choice of layers and heads that the graphs take as weights."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from service.runtime.errors import InputError
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Layers and heads averaged into a map: ``weights`` (n_layers, n_heads) is 1/k on each of the k chosen
+    layer-head pairs, zero elsewhere, so a graph's weighted sum over layers x heads is their mean."""
+
+    weights: np.ndarray
+    layers: list[int]  # sorted, non-negative, no duplicates
+    heads: list[int]
+
+
+def choose(layers: list[int] | None, heads: list[int] | None, n_layers: int, n_heads: int, *,
+           fields: tuple[str, str] = ("attention_layers", "attention_heads"), what: str = "layers") -> Choice:
+    """The mean over the chosen layers and heads. ``layers``: None = the last layer; negative indices count
+    from the end; ``heads``: None = all. Duplicates (also -1 and n-1) are merged. Out of range: InputError
+    naming the field and the allowed range. ``what`` names the layers in messages (e.g. "decoder layers")."""
+    lf, hf = fields
+    chosen = [-1] if layers is None else list(layers)
+    if not chosen:
+        raise InputError(f"{lf} must name at least one layer (or be null for the last)", field=lf)
+    bad = [x for x in chosen if not -n_layers <= x < n_layers]
+    if bad:
+        raise InputError(f"{lf} must be in [-{n_layers}, {n_layers - 1}] (the model has {n_layers} {what}; "
+                         f"negative counts from the last), got {bad[0]}", field=lf)
+    hs = list(range(n_heads)) if heads is None else list(heads)
+    if not hs:
+        raise InputError(f"{hf} must name at least one head (or be null for all)", field=hf)
+    bad = [h for h in hs if not 0 <= h < n_heads]
+    if bad:
+        raise InputError(f"{hf} must be in [0, {n_heads - 1}] (the model has {n_heads} heads per layer), "
+                         f"got {bad[0]}", field=hf)
+    ls, hs = sorted({x % n_layers for x in chosen}), sorted(set(hs))
+    w = np.zeros((n_layers, n_heads), np.float32)
+    w[np.ix_(ls, hs)] = 1.0 / (len(ls) * len(hs))
+    return Choice(w, ls, hs)
 
 
 def rollout(attentions: np.ndarray, grid: int = 7, residual: float = 0.5) -> np.ndarray:

@@ -24,10 +24,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 class ClassifierRuntime(ArtifactRuntime):
-    """``predict``: uint8 images in, probabilities (and the 7x7 rollout) out, all computed in the graph: what
-    the service runs. ``classify``: normalised pixels in, every layer's attention maps out (tools, raw maps)."""
+    """``predict``: uint8 images in, probabilities (and a 7x7 map: the rollout or the CLS attention of chosen
+    layers and heads) out, all computed in the graph: what the service runs. ``classify``: normalised pixels in,
+    every layer's attention maps out (tools, raw maps)."""
 
-    GRAPHS = ("vit", "vit_attn", "classify", "classify_rollout")
+    GRAPHS = ("vit", "vit_attn", "classify", "classify_rollout", "classify_cls")
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
@@ -40,6 +41,7 @@ class ClassifierRuntime(ArtifactRuntime):
         self.image_size = int(self.manifest.model["image_size"])
         self.grid = int(self.manifest.model["grid"])
         self.classes = int(self.manifest.model["classes"])
+        self.layers, self.heads = int(self.manifest.model["layers"]), int(self.manifest.model["heads"])
 
     def normalize(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W) -> float32 (N, 1, H, W): x * scale (1/255), then (x - mean)/std as in training."""
@@ -66,8 +68,15 @@ class ClassifierRuntime(ArtifactRuntime):
     def cls_attention(self, attentions: np.ndarray) -> np.ndarray:
         return attention.cls_attention(attentions, self.grid)
 
-    def predict(self, images: np.ndarray, *, rollout: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 (N, H, W) -> probabilities (N, C) and, when asked, the rollout (N, grid, grid).
+    def cls_choice(self, layers: list[int] | None = None, heads: list[int] | None = None) -> attention.Choice:
+        """The CLS map's layers and heads (None: the last layer, all heads), as weights for ``predict``."""
+        return attention.choose(layers, heads, self.layers, self.heads)
+
+    def predict(self, images: np.ndarray, *, rollout: bool = False,
+                cls_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 (N, H, W) -> probabilities (N, C) and, when asked, a map (N, grid, grid) summing to 1: the
+        rollout, or with ``cls_weights`` ((L, nh) for every image or (N, L, nh) per image; ``cls_choice``)
+        the CLS token's attention over the patches averaged with those weights over layers x heads.
 
         Bound with ONNX Runtime IO binding: the graph reads the images in place and writes into arrays made
         here, so only bytes go in and probabilities (and 49 weights per image) come out.
@@ -75,15 +84,27 @@ class ClassifierRuntime(ArtifactRuntime):
         images = np.ascontiguousarray(images, dtype=np.uint8)
         if images.ndim != 3 or images.shape[1:] != (self.image_size, self.image_size):
             raise InputError(f"images must be (N, {self.image_size}, {self.image_size}) uint8, got {images.shape}")
+        if rollout and cls_weights is not None:
+            raise InputError("one map per call: rollout or cls_weights, not both")
         n = len(images)
+        inputs = {"images": images}
         outputs = {"probs": np.empty((n, len(self.labels) or self.classes), np.float32)}
+        graph = "classify"
         if rollout:
-            outputs["rollout"] = np.empty((n, self.grid, self.grid), np.float32)
-        session = self.sessions["classify_rollout" if rollout else "classify"]
+            graph, outputs["rollout"] = "classify_rollout", np.empty((n, self.grid, self.grid), np.float32)
+        elif cls_weights is not None:
+            w = np.asarray(cls_weights, np.float32)
+            if w.shape not in ((self.layers, self.heads), (n, self.layers, self.heads)):
+                raise InputError(f"cls_weights must be ({self.layers}, {self.heads}) or (N, {self.layers}, "
+                                 f"{self.heads}), got {w.shape}")
+            inputs["cls_weights"] = np.ascontiguousarray(np.broadcast_to(w, (n, self.layers, self.heads)))
+            graph, outputs["cls_attention"] = "classify_cls", np.empty((n, self.grid, self.grid), np.float32)
+        session = self.sessions[graph]
         io = session.io_binding()
-        io.bind_input("images", "cpu", 0, np.uint8, list(images.shape), images.ctypes.data)
+        for name, a in inputs.items():
+            io.bind_input(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
         for name, a in outputs.items():
             io.bind_output(name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
         session.run_with_iobinding(io)
-        return outputs["probs"], outputs.get("rollout")
+        return outputs["probs"], outputs.get("rollout", outputs.get("cls_attention"))
 

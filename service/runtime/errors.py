@@ -16,4 +16,10 @@ class DeviceError(RuntimeLayerError):
 
 
 class InputError(RuntimeLayerError, ValueError):
-    """A caller passed values outside what the runtime accepts (wrong shape, beam size out of range, ...)."""
+    """A caller passed values outside what the runtime accepts (wrong shape, beam size out of range, ...).
+
+    ``field``: the request field it is about, when one is (e.g. ``attention_layers``), for the HTTP error."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

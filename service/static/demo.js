@@ -55,6 +55,8 @@ async function loadModels() {
     if (!r.ok) throw new Error(await apiError(r));
     const body = await r.json();
     $("models").innerHTML = "";
+    const vit = body.models.find((m) => m.task === "image-classification");
+    if (vit) setupMapChoices(vit.encoder_layers, vit.heads);
     for (const m of body.models) {
       const span = document.createElement("span");
       span.className = "model";
@@ -210,25 +212,69 @@ async function alignmentPng(ev) { // the same alignment drawn by the API (Accept
 }
 
 // ---- classification -------------------------------------------------------------------------------------
+let lastFile = null;
+let classifyRun = 0; // only the latest classification draws (a map change may start one before the last ends)
+
+function setupMapChoices(layers, heads) { // the ViT's layers and heads, from GET /v1/models
+  const layer = $("map-layer"), head = $("map-head");
+  const add = (select, value, text) => {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    select.append(o);
+  };
+  for (let i = 0; i < layers; i++) add(layer, String(i), String(i));
+  add(layer, "all", "mean of all");
+  for (let h = 0; h < heads; h++) add(head, String(h), String(h));
+}
+
+function mapChoice() { // the form fields of the chosen map (multipart: lists as comma-separated text)
+  const method = $("map").value;
+  const fields = { attention: method };
+  if (method === "cls") {
+    const layer = $("map-layer").value, head = $("map-head").value;
+    if (layer === "all") fields.attention_layers = [...$("map-layer").options].map((o) => o.value)
+      .filter((v) => /^\d+$/.test(v)).join(",");
+    else if (layer) fields.attention_layers = layer;
+    if (head) fields.attention_heads = head;
+  }
+  return fields;
+}
+
+function mapChanged() {
+  const cls = $("map").value === "cls";
+  $("map-layer").disabled = !cls;
+  $("map-head").disabled = !cls;
+  if (lastFile) classify(lastFile);
+}
+
 async function classify(file) {
+  lastFile = file;
+  const run = ++classifyRun;
   showError("classify-error", "");
   $("topk").innerHTML = "";
   $("overlay").classList.add("hidden");
+  $("overlay-caption").textContent = "";
   $("classify-latency").textContent = "classifying…";
-  const form = () => {
+  const choice = mapChoice();
+  const form = (picture) => {
     const f = new FormData();
     f.append("images", file, file.name || "image.png");
     f.append("top_k", "5");
+    if (picture) for (const [k, v] of Object.entries(choice)) f.append(k, v);
     return f;
   };
   const t0 = performance.now();
   try {
     const [json, png] = await Promise.all([
-      fetch("/v1/classify", { method: "POST", body: form() }),
-      fetch("/v1/classify", { method: "POST", body: form(), headers: { Accept: "image/png" } }),
+      fetch("/v1/classify", { method: "POST", body: form(false) }),
+      fetch("/v1/classify", { method: "POST", body: form(true), headers: { Accept: "image/png" } }),
     ]);
+    if (run !== classifyRun) return;
     if (!json.ok) throw new Error(await apiError(json));
     const result = await json.json();
+    if (run !== classifyRun) return;
+    $("topk").innerHTML = "";
     for (const { label, score } of result.predictions[0].top_k) {
       const li = document.createElement("li");
       li.innerHTML = '<span class="label"></span><span class="bar"></span><span class="score"></span>';
@@ -240,15 +286,20 @@ async function classify(file) {
     $("classify-latency").textContent = `${(performance.now() - t0).toFixed(0)} ms · ${result.model} ` +
       result.version;
     if (!png.ok) throw new Error(await apiError(png));
-    $("overlay").src = URL.createObjectURL(await png.blob());
+    const blob = await png.blob();
+    if (run !== classifyRun) return;
+    $("overlay").src = URL.createObjectURL(blob);
     $("overlay").classList.remove("hidden");
+    $("overlay-caption").textContent = png.headers.get("X-Attention") || "";
   } catch (e) {
+    if (run !== classifyRun) return;
     showError("classify-error", e.message);
     if (!$("topk").children.length) $("classify-latency").textContent = "";
   }
 }
 
 function setupClassify() {
+  for (const id of ["map", "map-layer", "map-head"]) $(id).addEventListener("change", mapChanged);
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));

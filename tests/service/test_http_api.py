@@ -63,8 +63,8 @@ def test_classify_json_multipart_and_attention(service):
     for p in js["predictions"]:
         assert len(p["top_k"]) == 4 and p["top_k"][0]["label"] == p["label"]
         assert p["score"] == p["top_k"][0]["score"]
-        assert p["attention"]["grid"] == [7, 7]
-        r = np.array(p["attention"]["rollout"])
+        assert p["attention"]["grid"] == [7, 7] and p["attention"]["method"] == "rollout"
+        r = np.array(p["attention"]["weights"])
         assert r.shape == (7, 7)
         np.testing.assert_allclose(r.sum(), 1.0, atol=1e-4)
 
@@ -99,7 +99,7 @@ def test_concurrent_requests_batch_and_match_sequential(service):
         assert ps["index"] == pk["index"] and ps["label"] == pk["label"]
         np.testing.assert_allclose([t["score"] for t in ps["top_k"]], [t["score"] for t in pk["top_k"]], atol=1e-5)
         if ps["attention"]:
-            np.testing.assert_allclose(ps["attention"]["rollout"], pk["attention"]["rollout"], atol=1e-5)
+            np.testing.assert_allclose(ps["attention"]["weights"], pk["attention"]["weights"], atol=1e-5)
     name, tags = "ray_attnserve_batch_size", {"model": "vit-fashion"}
     after = wait_for(service.metrics_url, lambda s: value(s, "ray_attnserve_requests_total", model="vit-fashion")
                      - value(before, "ray_attnserve_requests_total", model="vit-fashion") >= len(bodies))

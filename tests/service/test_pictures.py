@@ -94,3 +94,13 @@ def test_a_picture_is_of_one_item():
     assert e.value.field == "texts"
     with pytest.raises(InvalidRequest, match="stream"):
         pictures.negotiate("image/png", 1, field="texts", stream=True)
+
+
+def test_map_captions_name_the_map():
+    assert pictures.map_caption("rollout", list(range(6)), [0, 1, 2, 3]).startswith("attention rollout (all 6 layers")
+    assert pictures.map_caption("cls", [5], [0, 1, 2, 3]) == "CLS attention, layer 5, heads 0-3 mean"
+    assert pictures.map_caption("cls", [0, 2], [1]) == "CLS attention, layers 0,2, head 1 mean"
+    assert pictures.map_caption("cls", [5], [1]) == "CLS attention, layer 5, head 1"
+    pic = pictures.overlay_png(png(np.zeros((28, 28), np.uint8)), np.full((7, 7), 1 / 49),
+                               caption="CLS attention, layers 0,1,2,3,4,5, heads 0,1,2,3 and a long tail of words")
+    assert pic.caption.startswith("CLS attention") and pic.size[0] >= 3 * 12 + 2 * 280 + 80

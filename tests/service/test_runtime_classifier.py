@@ -68,3 +68,42 @@ def test_predict_in_graph_equals_host_preprocessing_and_rollout(rt, n):
     plain, none = rt.predict(x)
     assert none is None
     np.testing.assert_allclose(plain, probs, atol=1e-6)
+
+
+def host_cls(attentions: np.ndarray, layers: list[int], heads: list[int]) -> np.ndarray:
+    """CLS -> patches from the raw maps, mean over the chosen layers and heads, renormalised: (N, 7, 7)."""
+    a = attentions[layers][:, :, heads, 0, 1:].astype(np.float64).mean(axis=(0, 2))  # (N, 49)
+    return (a / a.sum(-1, keepdims=True)).reshape(-1, 7, 7)
+
+
+@pytest.mark.parametrize("layers,heads", [(None, None), ([0], [1]), ([0, -1], None), ([-1, 1], [0, 1, 1])])
+def test_predict_cls_equals_host_cls_attention(rt, layers, heads):
+    x = images(4)
+    choice = rt.cls_choice(layers, heads)
+    assert choice.layers == sorted({i % rt.layers for i in (layers or [-1])})
+    probs, cls = rt.predict(x, cls_weights=choice.weights)
+    ref = rt.classify(rt.normalize(x), return_attention=True)
+    np.testing.assert_allclose(probs, ref.probs, atol=1e-5)
+    np.testing.assert_allclose(cls, host_cls(ref.attentions, choice.layers, choice.heads), atol=1e-5)
+    np.testing.assert_allclose(cls.sum(axis=(1, 2)), 1.0, atol=1e-5)
+
+
+def test_predict_cls_rows_with_different_choices_are_independent(rt):
+    x = images(3)
+    choices = [rt.cls_choice([0], [0]), rt.cls_choice(None, None), rt.cls_choice([0, 1], [1])]
+    _, mixed = rt.predict(x, cls_weights=np.stack([c.weights for c in choices]))
+    for i, c in enumerate(choices):
+        _, alone = rt.predict(x[i : i + 1], cls_weights=c.weights)
+        np.testing.assert_allclose(mixed[i], alone[0], atol=1e-6)
+
+
+def test_cls_choice_errors_name_the_field_and_range(rt):
+    for layers, heads, field, allowed in (([rt.layers], None, "attention_layers", f"[-{rt.layers}, {rt.layers - 1}]"),
+                                          ([-rt.layers - 1], None, "attention_layers", "[-"),
+                                          (None, [rt.heads], "attention_heads", f"[0, {rt.heads - 1}]"),
+                                          (None, [-1], "attention_heads", "[0,"), ([], None, "attention_layers", "")):
+        with pytest.raises(InputError) as e:
+            rt.cls_choice(layers, heads)
+        assert e.value.field == field and allowed in str(e.value), str(e.value)
+    with pytest.raises(InputError):
+        rt.predict(images(1), rollout=True, cls_weights=rt.cls_choice().weights)

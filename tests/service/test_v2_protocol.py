@@ -128,8 +128,41 @@ def test_classify_matches_v1_with_top_k_and_rollout(service, client):
         assert strings(res.as_numpy("LABEL"))[i] == p["label"]
         assert strings(res.as_numpy("TOP_K_LABELS")[i]) == [k["label"] for k in p["top_k"]]
         np.testing.assert_allclose(res.as_numpy("TOP_K_SCORES")[i], [k["score"] for k in p["top_k"]], rtol=1e-5)
-        np.testing.assert_allclose(rollout[i], np.array(p["attention"]["rollout"]), atol=1e-6)
+        np.testing.assert_allclose(rollout[i], np.array(p["attention"]["weights"]), atol=1e-6)
         np.testing.assert_allclose(probs[i].sum(), 1.0, atol=1e-4)
+
+
+def test_classify_cls_attention_matches_v1(service, client):
+    images = np.random.default_rng(5).integers(0, 256, (2, 28, 28), dtype=np.uint8)
+    choice = {"attention_layers": [0, -1], "attention_heads": [1, 3]}
+    with service.client() as c:
+        v1 = c.post("/v1/classify", json={"images": [b64(png(a)) for a in images], "return_attention": True,
+                                          "attention": "cls", **choice}).json()["predictions"]
+    params = {k: ",".join(map(str, v)) for k, v in choice.items()}
+    res = client.infer(VIT, [image_input(images)], parameters=params, outputs=out("CLS_ATTENTION", "LABEL"))
+    cls = res.as_numpy("CLS_ATTENTION")
+    assert cls.shape == (2, 7, 7) and res.get_output("CLS_ATTENTION")["parameters"].items() >= {
+        "method": "cls", "layers": "0,5", "heads": "1,3"}.items()
+    for i, p in enumerate(v1):
+        np.testing.assert_allclose(cls[i], np.array(p["attention"]["weights"]), atol=1e-6)
+    # return_attention with no outputs: the `attention` parameter picks the map
+    res = client.infer(VIT, [image_input(images)], parameters={"return_attention": True, "attention": "cls"})
+    names = [o["name"] for o in res.get_response()["outputs"]]
+    assert names == ["PROBABILITIES", "LABEL", "TOP_K_LABELS", "TOP_K_SCORES", "CLS_ATTENTION"]
+    np.testing.assert_allclose(res.as_numpy("CLS_ATTENTION").sum(axis=(1, 2)), 1.0, atol=1e-5)
+    rollout = client.infer(VIT, [image_input(images)], outputs=out("ROLLOUT"))
+    assert rollout.get_output("ROLLOUT")["parameters"].items() >= {"method": "rollout", "layers": "0,1,2,3,4,5",
+                                                                    "heads": "0,1,2,3"}.items()
+    for params, outputs, message in (
+            ({}, out("ROLLOUT", "CLS_ATTENTION"), "one attention map"),
+            ({"attention": "rollout"}, out("CLS_ATTENTION"), "'attention' is 'rollout'"),
+            ({"attention": "max"}, None, "'rollout' or 'cls'"),
+            ({"attention_layers": "6"}, out("CLS_ATTENTION"), "[-6, 5]"),
+            ({"attention_layers": "0,x"}, out("CLS_ATTENTION"), "comma-separated"),
+            ({"attention_heads": "1"}, out("ROLLOUT"), "set attention to \"cls\"")):
+        status, message_got = status_and_message(lambda p=params, o=outputs: client.infer(
+            VIT, [image_input(images)], parameters=p, outputs=o))
+        assert status == 400 and message in message_got, (params, message_got)
 
 
 def test_classify_requested_output_and_classification_extension(client):
