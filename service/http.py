@@ -117,10 +117,11 @@ class RouteSettings:
     media_types: tuple[str, ...] = ("application/json",)
     tokens: tuple[bytes, ...] = ()  # API bearer tokens (config AuthArgs); () = authentication off
     public: tuple[str, ...] = ()  # paths (or prefixes ending in /) that need no token
+    gate: Gate | None = None  # a model replica's admission: a full replica refuses before reading the body
 
-    def configure(self, model: str, args: AppArgs) -> None:
-        """What the deployment knows only at start: its model name, body cap and the API tokens."""
-        self.model, self.max_body_bytes = model, args.limits.max_body_bytes
+    def configure(self, model: str, args: AppArgs, gate: Gate | None = None) -> None:
+        """What the deployment knows only at start: its model name, body cap, API tokens and admission gate."""
+        self.model, self.max_body_bytes, self.gate = model, args.limits.max_body_bytes, gate
         self.tokens = args.auth.tokens()
         # Public paths are the api app's (mounted at "/"): in a model app, "/" is the model route itself.
         self.public = args.auth.public_paths() if self.route == "/" else ()
@@ -175,6 +176,10 @@ class Observed:
 
         try:
             self.settings.check_auth(scope["path"][len(root):] or "/", scope.get("headers") or [])
+            if self.settings.gate is not None and scope["method"] in BODY_METHODS:
+                # Refused before the body is fetched from the proxy and parsed: under overload, refusals are
+                # most of the traffic, and every millisecond one costs is taken from the admitted requests.
+                self.settings.gate.check(0)
             body = await self._read_body(scope, receive)
             self._check_body(scope, body)
             await self.app(scope, _replay(body, receive), send_observed)

@@ -126,7 +126,7 @@ class Translator(ModelReplica):
         if cfg.warmup:
             for attn in (False, True):
                 self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn)
-        route.configure(self.rt.name, self.args)
+        route.configure(self.rt.name, self.args, self.gate)
 
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
