@@ -91,8 +91,11 @@ CLASSIFIER_MAPS = (
     "Which map `return_attention` returns: `rollout` (default), the attention rollout of the CLS token onto the "
     "patches over all layers (each layer's head mean mixed 0.5/0.5 with the identity, layers multiplied); or "
     "`cls`, the raw attention of the CLS token over the patches, mean over `attention_layers` and "
-    "`attention_heads`, renormalised over the patches. Both run one attention graph; how well each finds the "
-    "evidence (deletion/insertion against random order): docs/BENCHMARKS.md, `attnserve bench explain`.")
+    "`attention_heads`, renormalised over the patches. Both run one attention graph. Measured against random "
+    "patch order (deletion and insertion curves, 300 test images; docs/BENCHMARKS.md, `attnserve bench explain`): "
+    "the rollout beats random on both, and so does the CLS map averaged over all layers; the CLS map of the last "
+    "layer alone (`cls`'s default) is NO better than random (worse on deletion), nor is layer 0: a single layer "
+    "shows what that layer attends to, not where the evidence is.")
 
 
 class ClassifyRequest(_Strict):
@@ -105,7 +108,9 @@ class ClassifyRequest(_Strict):
     attention: Literal["rollout", "cls"] = Field("rollout", description=CLASSIFIER_MAPS)
     attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
         "`cls` only: encoder layers averaged into the map; negative counts from the last; duplicates are merged; "
-        "null = the last layer. Outside the model's layers (GET /v1/models: `encoder_layers`): 422."))
+        "null = the last layer (no better than random order at finding the evidence; all layers, e.g. "
+        "[0, 1, 2, 3, 4, 5], are: docs/BENCHMARKS.md). Outside the model's layers (GET /v1/models: "
+        "`encoder_layers`): 422."))
     attention_heads: list[HeadIndex] | None = Field(None, min_length=1, max_length=MAX_HEADS, description=(
         "`cls` only: heads averaged into the map (0-based; duplicates are merged); null = all. Outside the "
         "model's heads (GET /v1/models: `heads`): 422."))
