@@ -17,6 +17,7 @@ from service.errors import NotReady
 from service.http import RouteSettings, make_api
 from service.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
 from service.v2 import configure as configure_v2
+from service.v2 import error_response as v2_error_response
 from service.v2 import install as install_v2
 
 # The Serve application names of the model apps, as in deploy/serve_config.yaml.
@@ -60,6 +61,7 @@ class Api:
         self.args = AppArgs.model_validate(args)
         route.configure("api", self.args)
         route.paths = route.paths | configure_v2(self.args)
+        route.error_forms = {"/v2": v2_error_response}  # 401/413/415 on v2 paths in the protocol's form
 
     async def _call_all(self, method: str) -> list[Any]:
         try:

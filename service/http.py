@@ -9,7 +9,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -118,6 +118,8 @@ class RouteSettings:
     tokens: tuple[bytes, ...] = ()  # API bearer tokens (config AuthArgs); () = authentication off
     public: tuple[str, ...] = ()  # paths (or prefixes ending in /) that need no token
     gate: Gate | None = None  # a model replica's admission: a full replica refuses before reading the body
+    # Path prefix -> error responder for routes that speak another protocol's error form (the v2 API).
+    error_forms: dict[str, Callable[[BaseException], tuple[Any, str]]] = field(default_factory=dict)
 
     def configure(self, model: str, args: AppArgs, gate: Gate | None = None) -> None:
         """What the deployment knows only at start: its model name, body cap, API tokens and admission gate."""
@@ -191,7 +193,9 @@ class Observed:
             if state["started"]:  # too late for an error response: count it and let the server close the stream
                 state["code"] = "internal_error"
                 raise
-            response, state["code"] = to_response(e)
+            path = scope["path"][len(root):]
+            form = next((f for p, f in self.settings.error_forms.items() if path.startswith(p)), to_response)
+            response, state["code"] = form(e)
             await response(scope, receive, send_observed)
         finally:
             self._record(state, self.settings.tag(scope["path"]), time.perf_counter() - t0)

@@ -223,7 +223,11 @@ class RepositoryModel(BaseModel):
 
 ERRORS = {400: {"model": V2ErrorResponse, "description": "malformed request or over a limit"},
           404: {"model": V2ErrorResponse, "description": "unknown model, version or route"},
-          503: {"model": V2ErrorResponse, "description": "model not ready, or its queue is full (Retry-After)"}}
+          503: {"model": V2ErrorResponse, "description": "model not ready, or its queue is full (Retry-After)"},
+          401: {"model": V2ErrorResponse, "description": "no or an invalid `Authorization: Bearer` token; only when "
+                "API tokens are configured, and not on the public paths",
+                "headers": {"WWW-Authenticate": {"description": "Bearer realm=\"attnserve\"",
+                                                 "schema": {"type": "string"}}}}}
 
 
 # ---- routing, state, errors ----------------------------------------------------------------------------------
@@ -263,16 +267,23 @@ def configure(args: AppArgs) -> frozenset[str]:
     return frozenset(paths)
 
 
-def protocol_error(request: Request, exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException) -> tuple[JSONResponse, str]:
+    """An error in the protocol's form, and its code for the metrics: also what the middleware answers on v2
+    paths (401, 413) before a route runs."""
     status, code, message, field, headers = describe(exc)
     if status == 422:  # the protocol answers every malformed or out-of-limit request with a 400
         status = 400
+    if field and field not in ("body",) and not message.startswith(field):
+        message = f"{field}: {message}"
+    return JSONResponse({"error": message}, status, headers=headers), code
+
+
+def protocol_error(request: Request, exc: BaseException) -> JSONResponse:
+    response, code = error_response(exc)
     scope = request.scope.get("attnserve")
     if scope is not None:
         scope["code"] = code  # counted in attnserve_errors like every other error
-    if field and field not in ("body",) and not message.startswith(field):
-        message = f"{field}: {message}"
-    return JSONResponse({"error": message}, status, headers=headers)
+    return response
 
 
 class V2Route(APIRoute):

@@ -165,6 +165,29 @@ def test_public_paths_and_auth_off(recorded):
     assert asyncio.run(call_with(auth_app(()), "/echo", []))[0]["status"] == 200  # no tokens: auth off
 
 
+def test_v2_paths_answer_auth_and_body_errors_in_the_protocols_form(recorded):
+    from service.v2 import error_response
+
+    settings = RouteSettings("/", tokens=(b"key-one",), error_forms={"/v2": error_response})
+    app = make_api("test", settings)
+
+    @app.post("/v2/models/m/infer")
+    async def infer(request: Request) -> dict:
+        return {"ok": True}
+
+    sent = asyncio.run(call_with(app, "/v2/models/m/infer", []))
+    assert sent[0]["status"] == 401
+    assert dict(sent[0]["headers"])[b"www-authenticate"] == b'Bearer realm="attnserve"'
+    body = json.loads(sent[1]["body"])
+    assert set(body) == {"error"} and isinstance(body["error"], str) and "Bearer" in body["error"]
+    assert recorded[-1] == (401, "unauthorized")
+    settings.tokens = ()
+    sent = asyncio.run(call(app, "/v2/models/m/infer", b"x", ctype=b"text/plain"))
+    assert sent[0]["status"] == 415 and isinstance(json.loads(sent[1]["body"])["error"], str)
+    sent = asyncio.run(call(app, "/echo-v1", b"x", ctype=b"text/plain"))  # other paths keep the v1 form
+    assert json.loads(sent[1]["body"])["error"]["code"] == "unsupported_media_type"
+
+
 def test_tokens_from_env_and_file(tmp_path, monkeypatch):
     from service.config import AuthArgs
 
