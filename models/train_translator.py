@@ -15,10 +15,10 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from models.checkpoint import CHECKPOINTS, save_checkpoint
+from models.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from models.data import spa_eng_splits
 from models.tokenizer import train_tokenizer
-from models.training import Budget, hardware, load_state, save_state, seed_everything, set_lr
+from models.training import Budget, Continuation, hardware, load_state, save_state, seed_everything, set_lr
 from models.translator import BOS, EOS, PAD, Translator, TranslatorConfig, greedy_decode
 
 MAX_LEN = 128
@@ -122,6 +122,10 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = len(token_batches(train, args.max_tokens, random.Random(0)))
     budget = Budget(args.lr, args.warmup, args.max_minutes, steps_per_epoch * args.epochs)
     best, history, epoch = -1.0, [], 0
+    command = "attnserve train translator " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    earlier: list[str] = []  # commands that trained these weights before this one
     state = load_state(args.state) if args.resume else None
     if state:
         model.load_state_dict(state["model"])
@@ -129,12 +133,16 @@ def main(argv: list[str] | None = None) -> None:
         budget.step, budget.elapsed_s = state["budget"]["step"], state["budget"]["elapsed_s"]
         budget.max_minutes = budget.elapsed_s / 60 + args.max_minutes  # the new budget is on top of the old
         best, history, epoch = state["best"], state["history"], state["epoch"]
+        earlier = state.get("commands", [])
         print(f"resumed at step {budget.step}, {budget.elapsed_s / 60:.1f} min trained, best valid BLEU {best}")
     elif args.resume and (args.out / "model.safetensors").exists():
-        from models.checkpoint import load_checkpoint
-
-        model.load_state_dict(load_checkpoint(args.out)[0].state_dict())
-        print("resumed weights from", args.out, "(no optimizer state)")
+        weights, meta = load_checkpoint(args.out)
+        model.load_state_dict(weights.state_dict())
+        cont = Continuation.read(meta, best=meta["valid"]["bleu"])
+        cont.apply(budget, args.max_minutes)
+        best, history, earlier = cont.best, cont.history, cont.commands
+        epoch = int(history[-1]["epoch"]) if history else 0
+        print(f"continuing the weights in {args.out} (no optimizer state): {cont.steps} steps, best valid BLEU {best}")
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"translator: {n_params / 1e6:.2f} M params, {len(train)} train pairs, "
@@ -160,15 +168,20 @@ def main(argv: list[str] | None = None) -> None:
         if metrics["bleu"] > best:
             best = metrics["bleu"]
             save_checkpoint(model, args.out, kind="translator", extra={"training": training_info(), "valid": metrics})
-        save_state(args.state, model, opt, budget, {"best": best, "history": history, "epoch": epoch})
+        save_state(
+            args.state,
+            model,
+            opt,
+            budget,
+            {"best": best, "history": history, "epoch": epoch, "commands": [*earlier, command]},
+        )
         model.train()
         next_eval = budget.elapsed_s + args.eval_minutes * 60
         budget.resume()
 
     def training_info() -> dict:
         return {
-            "command": "attnserve train translator "
-            + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "command": "`, then `".join([*earlier, command]),
             "params": n_params,
             "steps": budget.step,
             "train_minutes": round(budget.elapsed_s / 60, 1),

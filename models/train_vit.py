@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.checkpoint import CHECKPOINTS, save_checkpoint
+from models.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from models.data import FASHION_LABELS, fashion_mnist
-from models.training import Budget, hardware, load_state, save_state, seed_everything, set_lr
+from models.training import Budget, Continuation, hardware, load_state, save_state, seed_everything, set_lr
 from models.vit import ViT, ViTConfig
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel statistics (after /255)
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     steps_per_epoch = len(train_x) // args.batch_size
     budget = Budget(args.lr, args.warmup, args.max_minutes, steps_per_epoch * args.epochs)
     best, history, epoch = -1.0, [], 0
+    earlier: list[str] = []  # commands that trained these weights before this one
     state = load_state(args.state) if args.resume else None
     if state:
         model.load_state_dict(state["model"])
@@ -86,7 +87,15 @@ def main(argv: list[str] | None = None) -> None:
         budget.step, budget.elapsed_s = state["budget"]["step"], state["budget"]["elapsed_s"]
         budget.max_minutes = budget.elapsed_s / 60 + args.max_minutes
         best, history, epoch = state["best"], state["history"], state["epoch"]
+        earlier = state.get("commands", [])
         print(f"resumed at epoch {epoch}, {budget.elapsed_s / 60:.1f} min trained, best valid acc {best}")
+    elif args.resume and (args.out / "model.safetensors").exists():
+        weights, meta = load_checkpoint(args.out)
+        model.load_state_dict(weights.state_dict())
+        cont = Continuation.read(meta, best=meta["valid"]["accuracy"])
+        cont.apply(budget, args.max_minutes)
+        best, history, earlier, epoch = cont.best, cont.history, cont.commands, int(meta["training"]["epochs"])
+        print(f"continuing the weights in {args.out} (no optimizer state): epoch {epoch}, best valid acc {best}")
     n_params = sum(p.numel() for p in model.parameters())
     print(
         f"vit: {n_params / 1e6:.2f} M params, {len(train_x)} train images, {steps_per_epoch} steps/epoch, {hardware()}"
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         if acc > best:
             best = acc
             info = {
-                "command": command,
+                "command": "`, then `".join([*earlier, command]),
                 "params": n_params,
                 "steps": budget.step,
                 "epochs": epoch,
@@ -142,7 +151,13 @@ def main(argv: list[str] | None = None) -> None:
                 "preprocessing": {"size": [28, 28], "mode": "L", "scale": 1 / 255, "mean": MEAN, "std": STD},
             }
             save_checkpoint(model, args.out, kind="vit", extra=extra)
-        save_state(args.state, model, opt, budget, {"best": best, "history": history, "epoch": epoch})
+        save_state(
+            args.state,
+            model,
+            opt,
+            budget,
+            {"best": best, "history": history, "epoch": epoch, "commands": [*earlier, command]},
+        )
         budget.resume()
     print(
         f"done: best valid accuracy {best:.4f}, {budget.elapsed_s / 60:.1f} training min, "

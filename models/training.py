@@ -41,6 +41,7 @@ class Budget:
     total_steps: int
     elapsed_s: float = 0.0  # training time so far, carried across resumes
     step: int = 0
+    warmup_from: int = 0  # a continuation without optimizer state warms up again from this step
     _t0: float = field(default_factory=time.monotonic, repr=False)
 
     def tick(self) -> float:
@@ -49,9 +50,12 @@ class Budget:
         now = time.monotonic()
         self.elapsed_s += now - self._t0
         self._t0 = now
-        if self.step <= self.warmup_steps:
-            return self.peak_lr * self.step / self.warmup_steps
-        return self.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress()))))
+        since = self.step - self.warmup_from
+        if self.warmup_from == 0 and since <= self.warmup_steps:
+            return self.peak_lr * since / self.warmup_steps
+        lr = self.peak_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, self.progress()))))
+        # fresh Adam moments: ramp up to the schedule rather than jump onto it
+        return lr * min(1.0, since / max(1, self.warmup_steps))
 
     def pause(self) -> None:
         """Stop the clock (evaluation time does not count)."""
@@ -94,3 +98,34 @@ def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, b
 
 def load_state(path: Path) -> dict | None:
     return torch.load(path, weights_only=False) if path.exists() else None
+
+
+@dataclass
+class Continuation:
+    """Where a committed checkpoint's training stopped (from its config.json), to train it further.
+
+    Used when the optimizer state under runs/ is gone (a fresh clone): the weights and the record carry over,
+    the schedule is extended by the new budget and warms up again, since the Adam moments start from zero.
+    """
+
+    commands: list[str]
+    history: list[dict]
+    best: float
+    steps: int
+    train_minutes: float
+
+    @classmethod
+    def read(cls, meta: dict, best: float) -> Continuation:
+        t = meta["training"]
+        return cls(
+            t["command"].split("`, then `"),
+            list(t.get("history", [])),
+            best,
+            int(t["steps"]),
+            float(t["train_minutes"]),
+        )
+
+    def apply(self, budget: Budget, new_minutes: float) -> None:
+        budget.step = budget.warmup_from = self.steps
+        budget.elapsed_s = self.train_minutes * 60
+        budget.max_minutes = self.train_minutes + new_minutes
