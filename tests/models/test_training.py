@@ -44,3 +44,23 @@ def test_train_vit_tiny_checkpoints_and_resumes(shared_data, tmp_path):
     train_vit([*args, "--resume"])
     history = torch.load(state, weights_only=False)["history"]
     assert len(history) > first_epochs  # resumed and trained further, not from scratch
+
+
+def test_continue_a_checkpoint_without_its_optimizer_state(shared_data, tmp_path):
+    """A fresh clone has the committed weights and config.json but no runs/ state: `--resume` continues them."""
+    out = tmp_path / "vit"
+    base = ["--tiny", "--max-minutes", "0.05", "--out", str(out), "--threads", "1"]
+    train_vit([*base, "--state", str(tmp_path / "a.pt")])
+    before = load_checkpoint(out)[1]["training"]
+    train_vit([*base, "--state", str(tmp_path / "gone.pt"), "--resume", "--lr", "5e-4"])
+    state = torch.load(tmp_path / "gone.pt", weights_only=False)
+    history = state["history"]
+    assert history[: len(before["history"])] == before["history"]  # the record carries over
+    assert len(history) > len(before["history"]) and history[-1]["step"] > before["steps"]
+    assert history[-1]["train_minutes"] > before["train_minutes"]
+    assert state["commands"][0] == before["command"] and "--resume" in state["commands"][-1]
+    after = load_checkpoint(out)[1]
+    # The checkpoint is replaced only by a better one; its command line names every run behind its weights.
+    if after["training"]["steps"] > before["steps"]:
+        assert after["valid"]["accuracy"] > max(h["valid_accuracy"] for h in before["history"])
+        assert after["training"]["command"].startswith(before["command"] + "`, then `")
