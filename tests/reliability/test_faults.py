@@ -12,7 +12,7 @@ import signal
 import time
 from collections import Counter
 
-import httpx
+import aiohttp
 import pytest
 
 from bench.soak import ClosedLoop, Sample, replica_processes
@@ -37,9 +37,9 @@ def json_error(s: Sample) -> dict | None:
     return body.get("error") if isinstance(body, dict) else None
 
 
-def capacity(url: str, seconds: float = 8.0) -> float:
+def capacity(url: str, body: dict, seconds: float = 8.0) -> float:
     """Successful requests/s of `CLIENTS` closed-loop clients, after a short warm-up."""
-    load = ClosedLoop(url, BODY, CLIENTS).start()
+    load = ClosedLoop(url, body, CLIENTS).start()
     time.sleep(2.0)
     t = load.elapsed()
     time.sleep(seconds)
@@ -48,20 +48,25 @@ def capacity(url: str, seconds: float = 8.0) -> float:
     return len(done) / seconds
 
 
-async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[Sample], float]:
-    """Requests sent at `rate`/s for `seconds`, whatever the answers; returns every answer and the time taken."""
+async def open_loop(url: str, body: dict, rate: float, seconds: float) -> tuple[list[Sample], float]:
+    """Requests sent at `rate`/s for `seconds`, whatever the answers; returns every answer and the time taken.
+
+    aiohttp rather than httpx: the generator shares the service's two cores, and at 3x capacity httpx spent
+    most of one (an 8-second schedule then took 38 s, measured 2026-11-22)."""
     samples: list[Sample] = []
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    async with httpx.AsyncClient(timeout=DEADLINE_MS / 1000 + 15, limits=limits,
-                                 headers={"X-Timeout-Ms": str(DEADLINE_MS)}) as client:
+    headers = {"X-Timeout-Ms": str(DEADLINE_MS)}
+    timeout = aiohttp.ClientTimeout(total=DEADLINE_MS / 1000 + 15)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers,
+                                     timeout=timeout) as client:
         t0 = time.monotonic()
 
         async def one() -> None:
             t = time.monotonic()
             try:
-                r = await client.post(url, json=BODY)
-                s = Sample(0, r.status_code, 0, "" if r.status_code == 200 else r.text[:300], dict(r.headers))
-            except httpx.HTTPError as e:
+                async with client.post(url, json=body) as r:
+                    text = (await r.read()).decode("utf-8", "replace")
+                    s = Sample(0, r.status, 0, "" if r.status == 200 else text[:300], dict(r.headers))
+            except (aiohttp.ClientError, TimeoutError) as e:
                 s = Sample(0, -1, 0, repr(e)[:300])
             s.seconds, s.t = time.monotonic() - t, time.monotonic() - t0
             samples.append(s)
@@ -74,34 +79,57 @@ async def open_loop(url: str, rate: float, seconds: float) -> tuple[list[Sample]
         return samples, time.monotonic() - t0
 
 
-def test_overload_sheds_with_json_503_and_keeps_goodput(own_service) -> None:
+def quantile(xs: list[float], q: float) -> str:
+    xs = sorted(xs)
+    return f"{xs[int(q * (len(xs) - 1))]:.2f}" if xs else "nan"
+
+
+# Four sentences, 64 new tokens each: capacity is the model's (decoder steps), which admission control is for.
+COMPUTE_BODY = {"texts": [
+    "The old man who lived near the river told us a long story about his childhood in the mountains.",
+    "We should have left the house earlier, because the train to the city was already full when we arrived.",
+    "She asked me whether I had ever read the book that her father wrote before the war.",
+    "If it rains tomorrow, we will stay at home and watch a movie with our friends.",
+], "max_new_tokens": 64}
+
+
+@pytest.mark.parametrize(("case", "body", "floor"), [
+    # The issue's goal is goodput >= 90% of capacity at 3x load. Measured on 2 cores shared with the load
+    # generator (2026-11-22): 0.81 and 1.18 of capacity for this request, 0.54 with beam_size 4. Asserted: a floor
+    # below the measurements; the figures are printed (RELIABILITY-RESULT) and quoted in docs/BENCHMARKS.md.
+    ("compute", COMPUTE_BODY, 0.6),
+    # One short sentence: capacity is the HTTP stack's (Ray Serve's proxy and replica spend ~8 ms of CPU per
+    # request, py-spy), and a refusal costs nearly what a success does, so 3x load takes CPU from the admitted
+    # requests on these two cores. Measured 0.59 and 0.66 of capacity.
+    ("light", BODY, 0.4),
+])
+def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, body: dict, floor: float) -> None:
     svc, _ = own_service
     url = svc.base + "/v1/translate"
     pids = {p.pid for p in replica_processes(svc.pid)}
-    cap = capacity(url)
+    cap = capacity(url, body)
     assert cap > 0
-    samples, took = asyncio.run(open_loop(url, 3 * cap, 10.0))
+    samples, took = asyncio.run(open_loop(url, body, 3 * cap, 10.0))
     statuses = Counter(s.status for s in samples)
     ok = [s for s in samples if s.status == 200]
+    shed = [s for s in samples if s.status == 503]
     goodput = len(ok) / took
-    plain_503 = [s for s in samples if s.status == 503 and json_error(s) is None]
-    result("overload", capacity_rps=f"{cap:.1f}", offered_rps=f"{3 * cap:.1f}", goodput_rps=f"{goodput:.1f}",
+    plain_503 = [s for s in shed if json_error(s) is None]
+    result(f"overload-{case}", capacity_rps=f"{cap:.1f}", offered_rps=f"{3 * cap:.1f}", goodput_rps=f"{goodput:.1f}",
            goodput_ratio=f"{goodput / cap:.2f}", statuses=dict(statuses), proxy_plain_503=len(plain_503),
-           p99_ok_s=f"{sorted(s.seconds for s in ok)[int(0.99 * (len(ok) - 1))]:.2f}" if ok else "nan")
+           schedule_s=f"{took:.1f}", ok_p50_s=quantile([s.seconds for s in ok], 0.5),
+           ok_p99_s=quantile([s.seconds for s in ok], 0.99), refused_p50_s=quantile([s.seconds for s in shed], 0.5),
+           refused_p99_s=quantile([s.seconds for s in shed], 0.99),
+           slowest_s=quantile([s.seconds for s in samples], 1.0))
     assert set(statuses) <= {200, 503}, [s.body for s in samples if s.status not in (200, 503)][:3]
-    for s in samples:
-        if s.status == 503:
-            assert int(s.headers["retry-after"]) >= 1
-            assert s in plain_503 or json_error(s)["code"] == "overloaded", s.body
     assert not plain_503, f"Serve's proxy answered {len(plain_503)} plain-text 503s: {plain_503[0].body!r}"
-    shed = sorted(s.seconds for s in samples if s.status == 503)
-    result("overload-refusals", count=len(shed), p50_s=f"{shed[len(shed) // 2]:.2f}" if shed else "nan",
-           p99_s=f"{shed[int(0.99 * (len(shed) - 1))]:.2f}" if shed else "nan")
-    # Goals not met on 2 shared cores (the load generator runs on them too; measured 2026-11-22): goodput 90% of
-    # capacity (measured 24-39%), and every answer, 200 or 503, within the deadline (p99 of 200s 11-12 s, of 503s
-    # 9 s: the replica's one event loop is flooded, and the deadline starts when the handler runs). Asserted: the
-    # answers' form and a goodput floor; printed: the figures.
-    assert goodput >= 0.15 * cap
+    for s in shed:
+        assert int(s.headers["Retry-After"]) >= 1
+        assert json_error(s)["code"] == "overloaded", s.body
+    # Every answer within the client's deadline (X-Timeout-Ms), plus a second for the trip through the proxy.
+    late = [s for s in samples if s.seconds > DEADLINE_MS / 1000 + 1.0]
+    assert not late, f"{len(late)} answers after the deadline, slowest {max(s.seconds for s in late):.1f} s"
+    assert goodput >= floor * cap
     assert {p.pid for p in replica_processes(svc.pid)} == pids, "a replica died (OOM?) under overload"
 
 
