@@ -147,7 +147,7 @@ class Classifier(ModelReplica):
             zeros = np.zeros((2, 28, 28), np.uint8)
             for kw in ({}, {"rollout": True}, {"cls_weights": self.rt.cls_choice().weights}):
                 self.rt.predict(zeros, **kw)
-        route.configure(self.rt.name, self.args)
+        route.configure(self.rt.name, self.args, self.gate)
 
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "image-classification", "route": ROUTE,
