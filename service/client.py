@@ -88,17 +88,19 @@ class Client:
         return ModelsResponse.model_validate_json(self.request("GET", "/v1/models").content)
 
     def translate(self, texts: list[str], *, beam_size: int = 1, return_attention: bool = False,
-                  max_new_tokens: int | None = None) -> TranslateResponse:
-        body: dict[str, Any] = {"texts": texts, "beam_size": beam_size, "return_attention": return_attention}
+                  max_new_tokens: int | None = None, **attention: Any) -> TranslateResponse:
+        """`attention`: the request's other attention fields (attention_layers, attention_heads,
+        return_encoder_attention, encoder_attention_layers, encoder_attention_heads); None = the default."""
+        body: dict[str, Any] = {"texts": texts, "beam_size": beam_size, "return_attention": return_attention,
+                                **{k: v for k, v in attention.items() if v is not None}}
         if max_new_tokens is not None:
             body["max_new_tokens"] = max_new_tokens
         return TranslateResponse.model_validate_json(self.request("POST", "/v1/translate", json=body).content)
 
-    def translate_png(self, text: str, *, beam_size: int = 1) -> bytes:
-        """The alignment heatmap of one text, drawn by the server."""
-        r = self.request("POST", "/v1/translate", json={"texts": [text], "beam_size": beam_size},
-                         headers={"Accept": "image/png"})
-        return r.content
+    def translate_png(self, text: str, *, beam_size: int = 1, **attention: Any) -> bytes:
+        """The alignment heatmap of one text (and the encoder's map beside it, if asked), drawn by the server."""
+        body = {"texts": [text], "beam_size": beam_size, **{k: v for k, v in attention.items() if v is not None}}
+        return self.request("POST", "/v1/translate", json=body, headers={"Accept": "image/png"}).content
 
     def classify(self, images: list[bytes], *, top_k: int = 3, return_attention: bool = False,
                  attention: str = "rollout", layers: list[int] | None = None,
@@ -155,23 +157,40 @@ def translate_main(argv: list[str] | None = None) -> None:
     p.add_argument("texts", nargs="+", metavar="TEXT")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--attention", action="store_true", help="print each target token's most attended source token")
+    p.add_argument("--layers", type=indices, metavar="0,2", help="decoder layers averaged (default: the last)")
+    p.add_argument("--heads", type=indices, metavar="1,3", help="heads averaged (default: all)")
+    p.add_argument("--encoder", action="store_true",
+                   help="also the encoder's self-attention: print each source token's most attended source token "
+                        "(and draw it beside the alignment in --png)")
+    p.add_argument("--encoder-layers", type=indices, metavar="0,2", help="encoder layers averaged (default: the last)")
+    p.add_argument("--encoder-heads", type=indices, metavar="1,3", help="encoder heads averaged (default: all)")
     args = p.parse_args(argv)
     if args.png and len(args.texts) != 1:
         p.error("--png draws one text: give one TEXT")
+    choice = {"attention_layers": args.layers, "attention_heads": args.heads,
+              "return_encoder_attention": args.encoder or None, "encoder_attention_layers": args.encoder_layers,
+              "encoder_attention_heads": args.encoder_heads}
+
+    def strongest(rows: list[list[float]], queries: list[str], keys: list[str], arrow: str) -> None:
+        for q, row in zip(queries, rows, strict=True):
+            j = max(range(len(row)), key=row.__getitem__) if row else None
+            print(f"  {q:>16} {arrow} {'-' if j is None else f'{keys[j]} ({row[j]:.2f})'}")
 
     def go() -> None:
         with Client(args.url, args.token) as c:
-            resp = c.translate(args.texts, beam_size=args.beam, return_attention=args.attention)
+            resp = c.translate(args.texts, beam_size=args.beam, return_attention=args.attention, **choice)
             for t in resp.translations:
                 print(t.text)
                 if t.attention is not None:
                     a = t.attention
-                    for tgt, row in zip(a.target_tokens, a.weights, strict=True):
-                        j = max(range(len(row)), key=row.__getitem__) if row else None
-                        src = "-" if j is None else f"{a.source_tokens[j]} ({row[j]:.2f})"
-                        print(f"  {tgt:>16} <- {src}")
+                    print(f"  alignment (decoder layers {a.layers}, heads {a.heads}):")
+                    strongest(a.weights, a.target_tokens, a.source_tokens, "<-")
+                if t.encoder_attention is not None:
+                    e = t.encoder_attention
+                    print(f"  encoder self-attention (layers {e.layers}, heads {e.heads}):")
+                    strongest(e.weights, e.tokens, e.tokens, "->")
             if args.png:
-                args.png.write_bytes(c.translate_png(args.texts[0], beam_size=args.beam))
+                args.png.write_bytes(c.translate_png(args.texts[0], beam_size=args.beam, **choice))
                 print(f"wrote {args.png}", file=sys.stderr)
 
     _run(go)

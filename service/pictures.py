@@ -47,6 +47,7 @@ class Picture:
     scale: tuple[float, float] = (0.0, 1.0)  # the weights at the two ends of the colour scale
     title: str = ""
     caption: str = ""  # which map (ViT overlay) or which layers and heads (alignment)
+    encoder_scale: tuple[float, float] | None = None  # the encoder panel's colour scale, when it was drawn
 
 
 @lru_cache(maxsize=8)
@@ -106,32 +107,24 @@ def _legend(draw: ImageDraw.ImageDraw, canvas: Image.Image, x: int, y: int, heig
     draw.text((x + 20, y + height), f"{lo:.3g}", fill=INK, font=f, anchor="lb")
 
 
-def alignment_png(source_tokens: list[str], target_tokens: list[str], weights: np.ndarray | list[list[float]], *,
-                  title: str = "", cell: int = 30) -> Picture:
-    """Target x source alignment as a heatmap: source pieces along the top (x), target pieces down the left (y)."""
-    w = np.asarray(weights, dtype=np.float64).reshape(len(target_tokens), len(source_tokens))
-    xs, ys = [readable(t) for t in source_tokens], [readable(t) for t in target_tokens]
+def _heatmap(xs: list[str], ys: list[str], w: np.ndarray, note: str, cell: int) -> tuple[Image.Image, float, float]:
+    """One labelled heatmap panel: ``xs`` along the top (rotated), ``ys`` down the left, a legend, a note."""
     f, small = font(15), font(12)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     x_label_h = max([_text_size(probe, s, f)[0] for s in xs] + [20]) + 12  # x labels are drawn rotated 90 degrees
     y_label_w = max([_text_size(probe, s, f)[0] for s in ys] + [20]) + 12
-    title_h = 30 if title else 8
     grid_w, grid_h = cell * max(len(xs), 1), cell * max(len(ys), 1)
     legend_w, note_h = 90, 28
-    note = f"rows: target, columns: source; {LEGEND_NOTE}"
-    width = max(y_label_w + grid_w + legend_w, _text_size(probe, note, small)[0] + 16,
-                _text_size(probe, title, f)[0] + 16)
-    height = title_h + x_label_h + grid_h + note_h
+    width = max(y_label_w + grid_w + legend_w, _text_size(probe, note, small)[0] + 16)
+    height = x_label_h + grid_h + note_h
     canvas = Image.new("RGB", (width, height), BG)
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((8, 6), title, fill=INK, font=f)
-    gx, gy = y_label_w, title_h + x_label_h
+    gx, gy = y_label_w, x_label_h
     scaled, lo, hi = stretch(w)
     if w.size:
         heat = Image.fromarray(colormap(scaled), "RGB").resize((grid_w, grid_h), Image.Resampling.NEAREST)
         canvas.paste(heat, (gx, gy))
-    for j, s in enumerate(xs):  # rotated source labels, reading bottom-up, ending just above their column
+    for j, s in enumerate(xs):  # rotated labels, reading bottom-up, ending just above their column
         tw, th = _text_size(probe, s, f)
         label = Image.new("RGBA", (tw + 6, th + 8), (0, 0, 0, 0))
         ImageDraw.Draw(label).text((3, 2), s, fill=INK, font=f)
@@ -142,7 +135,40 @@ def alignment_png(source_tokens: list[str], target_tokens: list[str], weights: n
     draw.rectangle((gx - 1, gy - 1, gx + grid_w, gy + grid_h), outline=MUTED)
     _legend(draw, canvas, gx + grid_w + 14, gy, min(grid_h, 200) if w.size else 60, lo, hi, small)
     draw.text((8, height - note_h + 6), note, fill=MUTED, font=small)
-    return Picture(_encode(canvas), canvas.size, xs, ys, (lo, hi), title)
+    return canvas, lo, hi
+
+
+def alignment_png(source_tokens: list[str], target_tokens: list[str], weights: np.ndarray | list[list[float]], *,
+                  title: str = "", cell: int = 30, caption: str = "",
+                  encoder: np.ndarray | list[list[float]] | None = None, encoder_caption: str = "") -> Picture:
+    """Target x source alignment as a heatmap: source pieces along the top (x), target pieces down the left (y).
+
+    With ``encoder`` (source x source), a second panel beside it: the encoder's self-attention, source pieces on
+    both axes. ``caption``/``encoder_caption`` name the layers and heads of each (``layers_caption``)."""
+    w = np.asarray(weights, dtype=np.float64).reshape(len(target_tokens), len(source_tokens))
+    xs, ys = [readable(t) for t in source_tokens], [readable(t) for t in target_tokens]
+    note = "rows: target, columns: source" + (f" ({caption})" if caption else "") + f"; {LEGEND_NOTE}"
+    panels = [_heatmap(xs, ys, w, note, cell)]
+    if encoder is not None:
+        e = np.asarray(encoder, dtype=np.float64).reshape(len(source_tokens), len(source_tokens))
+        enote = "encoder: rows attend to columns" + (f" ({encoder_caption})" if encoder_caption else "")
+        panels.append(_heatmap(xs, xs, e, enote, cell))
+    f, gap = font(15), 24
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    title_h = 30 if title else 8
+    width = max(sum(p.width for p, *_ in panels) + gap * (len(panels) - 1), _text_size(probe, title, f)[0] + 16)
+    height = title_h + max(p.height for p, *_ in panels)
+    canvas = Image.new("RGB", (width, height), BG)
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((8, 6), title, fill=INK, font=f)
+    x = 0
+    for p, *_ in panels:
+        canvas.paste(p, (x, title_h))
+        x += p.width + gap
+    _, lo, hi = panels[0]
+    return Picture(_encode(canvas), canvas.size, xs, ys, (lo, hi), title, caption,
+                   encoder_scale=panels[1][1:] if encoder is not None else None)
 
 
 def _display_image(raw: bytes) -> Image.Image:
@@ -166,18 +192,27 @@ def _display_image(raw: bytes) -> Image.Image:
     return img
 
 
-def map_caption(method: str, layers: list[int], heads: list[int]) -> str:
-    """What a ViT map is, in words: "attention rollout (all 6 layers)", "CLS attention, layer 5, heads 0-3 mean"."""
-    def span(xs: list[int]) -> str:
-        if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
-            return f"{xs[0]}-{xs[-1]}"
-        return ",".join(map(str, xs))
+def _span(xs: list[int]) -> str:
+    if len(xs) > 2 and xs == list(range(xs[0], xs[-1] + 1)):
+        return f"{xs[0]}-{xs[-1]}"
+    return ",".join(map(str, xs))
 
+
+def layers_caption(what: str, layers: list[int], heads: list[int]) -> str:
+    """e.g. "decoder layer 2, heads 0-3 mean", "encoder layers 0,2, head 1 mean" (no layers: just ``what``)."""
+    if not layers:
+        return what
+    text = (f"{what} {'layer' if len(layers) == 1 else 'layers'} {_span(layers)}, "
+            f"{'head' if len(heads) == 1 else 'heads'} {_span(heads)}")
+    return text + " mean" if len(layers) * len(heads) > 1 else text
+
+
+def map_caption(method: str, layers: list[int], heads: list[int]) -> str:
+    """What a ViT map is, in words: "attention rollout (all 6 layers, ...)", "CLS attention, layer 5, heads 0-3
+    mean"."""
     if method == "rollout":
         return f"attention rollout (all {len(layers)} layers, head means)"
-    what = (f"CLS attention, {'layer' if len(layers) == 1 else 'layers'} {span(layers)}, "
-            f"{'head' if len(heads) == 1 else 'heads'} {span(heads)}")
-    return what + " mean" if len(layers) * len(heads) > 1 else what
+    return layers_caption("CLS attention,", layers, heads)
 
 
 def overlay_png(raw: bytes, rollout: np.ndarray | list[list[float]], *, title: str = "", side: int = 280,
@@ -264,13 +299,21 @@ def _png_response(pic: Picture, headers: dict[str, str]) -> Response:
 
 
 async def alignment_response(resp: TranslateResponse) -> Response:
-    """A TranslateResponse of one text with attention -> the alignment heatmap PNG (rendered off the loop)."""
+    """A TranslateResponse of one text with attention -> the alignment heatmap PNG (rendered off the loop), with
+    the encoder's self-attention as a second panel when the response carries it."""
     (t,) = resp.translations
-    a = t.attention  # None for a blank text (nothing to align): an empty map
+    a, e = t.attention, t.encoder_attention  # a is None for a blank text (nothing to align): an empty map
     src, tgt, w = (a.source_tokens, a.target_tokens, a.weights) if a is not None else ([], [], [])
-    pic = await asyncio.to_thread(alignment_png, src, tgt, w,
-                                  title=f"{resp.model} {resp.version}: {t.text}")
-    return _png_response(pic, {"X-Model": resp.model, "X-Model-Version": resp.version})
+    caption = layers_caption("decoder", a.layers, a.heads) if a is not None else ""
+    kw = {}
+    if e is not None:
+        kw = {"encoder": e.weights, "encoder_caption": layers_caption("encoder", e.layers, e.heads)}
+    pic = await asyncio.to_thread(alignment_png, src, tgt, w, title=f"{resp.model} {resp.version}: {t.text}",
+                                  caption=caption, **kw)
+    headers = {"X-Model": resp.model, "X-Model-Version": resp.version, "X-Attention": caption}
+    if e is not None:
+        headers["X-Encoder-Attention"] = kw["encoder_caption"]
+    return _png_response(pic, headers)
 
 
 async def overlay_response(raw: bytes, resp: ClassifyResponse) -> Response:

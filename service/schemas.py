@@ -50,10 +50,20 @@ class TranslateRequest(_Strict):
     beam_size: int = Field(1, ge=1, le=8, description="1 = greedy decoding.")
     max_new_tokens: int = Field(128, ge=1, le=256, description="Cap on generated target tokens per text.")
     return_attention: bool = Field(False, description="Also return the alignment (decoder cross-attention).")
-    attention_layer: int = Field(-1, ge=-16, le=15, description="Decoder layer of the alignment; negative counts from "
-                                 "the last (GET /v1/models: the model has `decoder_layers`). Out of range: 422.")
-    attention_heads: list[int] | None = Field(None, min_length=1, max_length=16, description="Heads averaged into "
-                                              "the alignment (0-based); null = all heads. Out of range: 422.")
+    attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
+        "Decoder layers averaged into the alignment; negative counts from the last; duplicates are merged; null = "
+        "the last layer. Outside the model's (GET /v1/models: `decoder_layers`): 422."))
+    attention_heads: list[HeadIndex] | None = Field(None, min_length=1, max_length=MAX_HEADS, description=(
+        "Heads averaged into the alignment (0-based; duplicates are merged); null = all. Outside the model's "
+        "(GET /v1/models: `heads`): 422."))
+    return_encoder_attention: bool = Field(False, description=(
+        "Also return the encoder's self-attention over the source tokens (source x source; runs the encoder's "
+        "attention graph)."))
+    encoder_attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
+        "Encoder layers averaged into `encoder_attention`, as `attention_layers` (GET /v1/models: "
+        "`encoder_layers`); null = the last."))
+    encoder_attention_heads: list[HeadIndex] | None = Field(None, min_length=1, max_length=MAX_HEADS, description=(
+        "Heads averaged into `encoder_attention`, as `attention_heads`; null = all."))
     stream: bool = Field(False, description="Answer with Server-Sent Events: a `token` event per generated token "
                          "(greedy decoding; beam search sends only the final event), then a `done` event whose data "
                          "is the TranslateResponse.")
@@ -72,13 +82,22 @@ class TranslationAttention(BaseModel):
     source_tokens: list[str]
     target_tokens: list[str]
     weights: list[list[float]] = Field(description="target x source; every row sums to 1.")
-    layer: int = Field(description="Decoder layer the cross-attention comes from.")
+    layers: list[int] = Field(description="Decoder layers averaged into `weights` (sorted, non-negative).")
+    heads: list[int] = Field(description="Heads averaged into `weights`.")
+
+
+class EncoderAttention(BaseModel):
+    tokens: list[str] = Field(description="The source pieces (without EOS), as `attention.source_tokens`.")
+    weights: list[list[float]] = Field(description="source x source: row i is what source token i attended to in "
+                                       "the encoder, over the source tokens (EOS dropped); every row sums to 1.")
+    layers: list[int] = Field(description="Encoder layers averaged into `weights` (sorted, non-negative).")
     heads: list[int] = Field(description="Heads averaged into `weights`.")
 
 
 class Translation(BaseModel):
     text: str
     attention: TranslationAttention | None = None
+    encoder_attention: EncoderAttention | None = None
 
 
 class TranslateResponse(BaseModel):

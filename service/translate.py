@@ -35,7 +35,15 @@ from service.replica import ModelReplica
 from service.runtime import InputError, TranslationResult, TranslatorRuntime
 from service.runtime.attention import alignment
 from service.runtime.engine import Sequence
-from service.schemas import TokenEvent, TranslateRequest, TranslateResponse, Translation, TranslationAttention
+from service.runtime.translator import Choices
+from service.schemas import (
+    EncoderAttention,
+    TokenEvent,
+    TranslateRequest,
+    TranslateResponse,
+    Translation,
+    TranslationAttention,
+)
 
 ROUTE = "/v1/translate"
 route = RouteSettings(ROUTE)
@@ -50,12 +58,21 @@ STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`,
                           "content": {"text/event-stream": {"schema": SSE_EVENT}, **pictures.PNG_CONTENT}}}
 
 
-def encode(r: TranslationResult, with_attention: bool) -> Translation:
-    if not with_attention or r.attention is None:
-        return Translation(text=r.text)
-    return Translation(text=r.text, attention=TranslationAttention(
-        source_tokens=r.source_tokens, target_tokens=r.target_tokens, weights=r.attention.tolist(),
-        layer=r.layer, heads=r.heads))
+def encode(r: TranslationResult) -> Translation:
+    out = Translation(text=r.text)
+    if r.attention is not None:
+        out.attention = TranslationAttention(source_tokens=r.source_tokens, target_tokens=r.target_tokens,
+                                             weights=r.attention.tolist(), layers=r.layers, heads=r.heads)
+    if r.encoder_attention is not None:
+        out.encoder_attention = EncoderAttention(tokens=r.source_tokens, weights=r.encoder_attention.tolist(),
+                                                 layers=r.encoder_layers, heads=r.encoder_heads)
+    return out
+
+
+def attention_kw(req: TranslateRequest) -> dict[str, Any]:
+    """The request's attention choices as TranslatorRuntime keywords."""
+    return req.model_dump(include={"return_attention", "attention_layers", "attention_heads",
+                                   "return_encoder_attention", "encoder_attention_layers", "encoder_attention_heads"})
 
 
 def cost(req: TranslateRequest) -> int:
@@ -74,19 +91,17 @@ class Job:
                  deadline: float, *, stream: asyncio.Queue | None = None) -> None:
         self.loop, self.rt = loop, rt
         self.futures: list[asyncio.Future] = []
-        self.made: list[tuple[Sequence, list[str], int, list[int]]] = []
+        self.made: list[tuple[Sequence, list[str], Choices]] = []
         for i, text in enumerate(req.texts):
-            seq, pieces, layer, heads = rt.sequence(
-                text, beam_size=req.beam_size, max_new_tokens=req.max_new_tokens,
-                return_attention=req.return_attention, attention_layer=req.attention_layer,
-                attention_heads=req.attention_heads)
+            seq, pieces, choices = rt.sequence(text, beam_size=req.beam_size, max_new_tokens=req.max_new_tokens,
+                                               **attention_kw(req))
             seq.deadline = deadline
             fut = loop.create_future()
             seq.on_done = self._resolver(fut)
             if stream is not None:
                 seq.on_token = self._streamer(stream, i, len(pieces))
             self.futures.append(fut)
-            self.made.append((seq, pieces, layer, heads))
+            self.made.append((seq, pieces, choices))
 
     def _resolver(self, fut: asyncio.Future):
         def done(seq: Sequence) -> None:
@@ -104,14 +119,14 @@ class Job:
         return [m[0] for m in self.made]
 
     def result(self, i: int) -> TranslationResult:
-        seq, pieces, layer, heads = self.made[i]
+        seq, pieces, choices = self.made[i]
         if seq.dropped == "deadline":
             raise DeadlineExceeded("the translation did not finish within the deadline")
         if seq.dropped == "shutdown":
             raise NotReady("this replica is shutting down; retry")
         if seq.dropped is not None:
             raise ServiceError(f"the translation was stopped ({seq.dropped})")
-        return self.rt.result(seq, pieces, layer, heads)
+        return self.rt.result(seq, pieces, choices)
 
 
 @serve.deployment(name="Translator", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
@@ -125,7 +140,8 @@ class Translator(ModelReplica):
         self.loop = EngineLoop(engine, asyncio.get_running_loop(), self.metrics, self.rt.name)
         if cfg.warmup:
             for attn in (False, True):
-                self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn)
+                self.rt.translate_engine(["Hello, world."], max_new_tokens=4, return_attention=attn,
+                                         return_encoder_attention=attn)
         route.configure(self.rt.name, self.args, self.gate)
 
 
@@ -141,13 +157,14 @@ class Translator(ModelReplica):
 
     def info(self) -> dict[str, Any]:
         return {"name": self.rt.name, "version": self.rt.version, "task": "translation", "route": ROUTE,
-                "labels": None, "precision": self.rt.precision, "device": self.rt.device}
+                "labels": None, "precision": self.rt.precision, "device": self.rt.device,
+                "encoder_layers": self.rt.encoder_layers, "decoder_layers": self.rt.layers, "heads": self.rt.heads}
 
     def check_limits(self, req: TranslateRequest) -> None:
-        try:  # layer/heads outside this model's: the schema cannot know them
-            self.rt.align_weights(req.attention_layer, req.attention_heads)
+        try:  # layers/heads outside this model's: the schema cannot know them
+            self.rt.choices(**attention_kw(req))
         except InputError as e:
-            raise InvalidRequest(str(e), field="attention_layer" if "layer" in str(e) else "attention_heads") from None
+            raise InvalidRequest(str(e), field=e.field) from None
         lim = self.limits
         if len(req.texts) > lim.max_texts:
             raise LimitExceeded(f"{len(req.texts)} texts, the limit is {lim.max_texts}", field="texts")
@@ -163,7 +180,7 @@ class Translator(ModelReplica):
               summary="Translate English to Spanish")
     async def translate(self, req: TranslateRequest, request: Request) -> Any:
         png = pictures.negotiate(request.headers.get("accept"), len(req.texts), field="texts", stream=req.stream)
-        if png:
+        if png:  # the picture draws the alignment (and the encoder's map beside it when that is asked for)
             req = req.model_copy(update={"return_attention": True})
         timeout_s = self.gate.deadline(request)
         deadline = time.monotonic() + timeout_s  # the engine's clock (an event loop's may differ: uvloop)
@@ -182,7 +199,7 @@ class Translator(ModelReplica):
 
     def _response(self, req: TranslateRequest, results: list[TranslationResult]) -> TranslateResponse:
         return TranslateResponse(model=self.rt.name, version=self.rt.version,
-                                 translations=[encode(r, req.return_attention) for r in results])
+                                 translations=[encode(r) for r in results])
 
     async def _run(self, job: Job) -> list[TranslationResult]:
         try:
@@ -216,16 +233,19 @@ class Translator(ModelReplica):
                 task.cancel()
 
     async def infer_texts(self, texts: list[str], beam_size: int = 1, max_new_tokens: int = 128,
-                          return_attention: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+                          return_attention: bool = False, timeout_s: float | None = None,
+                          **attention: Any) -> dict[str, Any]:
         """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in service/v2.py).
 
-        Same validation, limits, admission gate, deadline (`timeout_s` can only shorten it) and engine as POST
-        /v1/translate. Returns {"version", "translations": [{"text", "source_tokens", "target_tokens",
-        "attention" (target x source array or None), "layer", "heads"}]}.
+        `attention`: the other attention fields of TranslateRequest (attention_layers, return_encoder_attention,
+        ...). Same validation, limits, admission gate, deadline (`timeout_s` can only shorten it) and engine as
+        POST /v1/translate. Returns {"version", "translations": [{"text", "source_tokens", "target_tokens",
+        "attention" (target x source array or None), "layers", "heads", "encoder_attention" (source x source
+        array or None), "encoder_layers", "encoder_heads"}]}.
         """
         try:
             req = TranslateRequest(texts=texts, beam_size=beam_size, max_new_tokens=max_new_tokens,
-                                   return_attention=return_attention)
+                                   return_attention=return_attention, **attention)
         except ValidationError as e:
             err = e.errors()[0]
             raise InvalidRequest(err["msg"], field=".".join(str(p) for p in err["loc"]) or None) from None
@@ -236,5 +256,7 @@ class Translator(ModelReplica):
             results = await self.gate.within(self._run(job), timeout_s)
         return {"version": self.rt.version, "translations": [
             {"text": r.text, "source_tokens": r.source_tokens, "target_tokens": r.target_tokens,
-             "attention": r.attention if return_attention else None, "layer": r.layer, "heads": r.heads}
+             "attention": r.attention, "layers": r.layers, "heads": r.heads,
+             "encoder_attention": r.encoder_attention, "encoder_layers": r.encoder_layers,
+             "encoder_heads": r.encoder_heads}
             for r in results]}

@@ -113,29 +113,47 @@ class ModelSpec:
         return list(req.outputs)
 
 
+def _translator_extra(p: dict[str, Any]) -> list[str]:
+    out = ["SOURCE_TOKENS", "TARGET_TOKENS", "ALIGNMENT"] if p["return_attention"] else []
+    return out + (["SOURCE_TOKENS", "ENCODER_ATTENTION"] if p["return_encoder_attention"] else [])
+
+
 TRANSLATOR = ModelSpec(
     "translator",
     inputs=[TensorSpec(name="TEXT", datatype=BYTES, shape=[-1])],
     outputs=[TensorSpec(name="TRANSLATION", datatype=BYTES, shape=[-1]),
              TensorSpec(name="SOURCE_TOKENS", datatype=BYTES, shape=[-1, -1]),
              TensorSpec(name="TARGET_TOKENS", datatype=BYTES, shape=[-1, -1]),
-             TensorSpec(name="ALIGNMENT", datatype="FP32", shape=[-1, -1, -1])],
-    default=("TRANSLATION",),
-    extra=lambda p: ["SOURCE_TOKENS", "TARGET_TOKENS", "ALIGNMENT"] if p["return_attention"] else [],
-    needs={"ALIGNMENT": "return_attention"},
+             TensorSpec(name="ALIGNMENT", datatype="FP32", shape=[-1, -1, -1]),
+             TensorSpec(name="ENCODER_ATTENTION", datatype="FP32", shape=[-1, -1, -1])],
+    default=("TRANSLATION",), extra=_translator_extra,
+    needs={"ALIGNMENT": "return_attention", "ENCODER_ATTENTION": "return_encoder_attention"},
     params={"beam_size": _p(int, 1, 1, 8, "1 = greedy decoding"),
             "max_new_tokens": _p(int, 128, 1, 256, "cap on generated target tokens per text"),
             "return_attention": _p(bool, None, doc="implied by requesting ALIGNMENT; true with no `outputs` "
-                                   "returns every output")},
+                                   "adds SOURCE_TOKENS, TARGET_TOKENS and ALIGNMENT"),
+            "attention_layers": _p(list, None, -16, 15, "ALIGNMENT: decoder layers averaged, e.g. \"0,2\" "
+                                   "(negative counts from the last; duplicates merged); default the last"),
+            "attention_heads": _p(list, None, 0, 15, "ALIGNMENT: heads averaged, e.g. \"1,3\"; default all"),
+            "return_encoder_attention": _p(bool, None, doc="implied by requesting ENCODER_ATTENTION; true with no "
+                                           "`outputs` adds SOURCE_TOKENS and ENCODER_ATTENTION"),
+            "encoder_attention_layers": _p(list, None, -16, 15, "ENCODER_ATTENTION: encoder layers averaged, as "
+                                           "attention_layers; default the last"),
+            "encoder_attention_heads": _p(list, None, 0, 15, "ENCODER_ATTENTION: heads averaged; default all")},
     docs={
         "TEXT": "UTF-8 English texts, shape [n] or [n, 1].",
         "TRANSLATION": "UTF-8 Spanish translations, [n].",
         "SOURCE_TOKENS": "[n, S]: each text's source pieces (without EOS), padded with empty strings to the "
                          "longest S.",
         "TARGET_TOKENS": "[n, T]: each translation's pieces (without BOS/EOS), padded with empty strings.",
-        "ALIGNMENT": "[n, T, S] decoder cross-attention (target x source, one decoder layer's head mean, the "
-                     "output's parameters `layer` and `heads`); row t of text i sums to 1 over its source "
-                     "tokens; zero where TARGET_TOKENS or SOURCE_TOKENS is padding. Runs the attention graph.",
+        "ALIGNMENT": "[n, T, S] decoder cross-attention (target x source), mean over the parameters "
+                     "`attention_layers` and `attention_heads` (output parameters `layers` and `heads`); row t of "
+                     "text i sums to 1 over its source tokens; zero where TARGET_TOKENS or SOURCE_TOKENS is "
+                     "padding. Runs the decoder's attention graph.",
+        "ENCODER_ATTENTION": "[n, S, S] encoder self-attention (source x source: row i is what source token i "
+                             "attended to), mean over `encoder_attention_layers` and `encoder_attention_heads` "
+                             "(output parameters `layers` and `heads`); EOS dropped, rows sum to 1; zero where "
+                             "SOURCE_TOKENS is padding. Runs the encoder's attention graph.",
     })
 
 
@@ -310,10 +328,10 @@ def model_app(name: str) -> str:
     return state.models[name]
 
 
-async def call(app: str, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+async def call(app: str, method: str, *args: Any, timeout_s: float | None = None, **kw: Any) -> Any:
     """A method of a model deployment through its app handle; its ServiceErrors come back as themselves."""
     try:
-        call = getattr(state.handle(app), method).remote(*args)
+        call = getattr(state.handle(app), method).remote(*args, **kw)
         if timeout_s is None:
             return await call
         async with asyncio.timeout(timeout_s):
@@ -593,8 +611,12 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     if version is not None:
         await model_info(name, version)  # 404 for a version not served, before any model work
     if app == "translator":
-        out = await call(app, "infer_texts", _texts(req), p["beam_size"], p["max_new_tokens"], attention, timeout_s)
-        tensors, params = _translator_outputs(out["translations"]), _alignment_params(out["translations"])
+        encoder = any(spec.needs.get(n) == "return_encoder_attention" for n in names)
+        choices = {k: p[k] for k in ("attention_layers", "attention_heads", "encoder_attention_layers",
+                                     "encoder_attention_heads")}
+        out = await call(app, "infer_texts", _texts(req), p["beam_size"], p["max_new_tokens"], attention, timeout_s,
+                         return_encoder_attention=encoder, **choices)
+        tensors, params = _translator_outputs(out["translations"]), _attention_params(out["translations"])
     else:
         images, encoded_images = _images(req)
         method = _classifier_method(names, p)
@@ -668,21 +690,27 @@ def _translator_outputs(results: list[dict[str, Any]]) -> dict[str, tuple[np.nda
     src = _pad_tokens([r["source_tokens"] for r in results])
     tgt = _pad_tokens([r["target_tokens"] for r in results])
     align = np.zeros((len(results), tgt.shape[1], src.shape[1]), np.float32)
+    encoder = np.zeros((len(results), src.shape[1], src.shape[1]), np.float32)
     for i, r in enumerate(results):
-        a = r.get("attention")
-        if a is not None:
-            align[i, : a.shape[0], : a.shape[1]] = a
+        for key, out in (("attention", align), ("encoder_attention", encoder)):
+            a = r.get(key)
+            if a is not None:
+                out[i, : a.shape[0], : a.shape[1]] = a
     texts = np.empty(len(results), dtype=object)
     texts[:] = [r["text"].encode("utf-8") for r in results]
     return {"TRANSLATION": (texts, BYTES), "SOURCE_TOKENS": (src, BYTES), "TARGET_TOKENS": (tgt, BYTES),
-            "ALIGNMENT": (align, "FP32")}
+            "ALIGNMENT": (align, "FP32"), "ENCODER_ATTENTION": (encoder, "FP32")}
 
 
-def _alignment_params(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    r = next((r for r in results if r.get("attention") is not None), None)
-    if r is None:
-        return {}
-    return {"ALIGNMENT": {"layer": int(r["layer"]), "heads": ",".join(str(h) for h in r["heads"])}}
+def _attention_params(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Output parameters `layers` and `heads` (the same for every text of a request)."""
+    out = {}
+    r = results[0] if results else None
+    if r is not None and any(x.get("attention") is not None for x in results):
+        out["ALIGNMENT"] = {"layers": _indices(r["layers"]), "heads": _indices(r["heads"])}
+    if r is not None and any(x.get("encoder_attention") is not None for x in results):
+        out["ENCODER_ATTENTION"] = {"layers": _indices(r["encoder_layers"]), "heads": _indices(r["encoder_heads"])}
+    return out
 
 
 def _classifier_method(names: set[str], p: dict[str, Any]) -> str:

@@ -87,3 +87,15 @@ def alignment(steps: np.ndarray, n_source: int) -> np.ndarray:
     total = a.sum(axis=-1, keepdims=True)
     a = np.where(total > 0, a / np.where(total > 0, total, 1), 1.0 / n_source)  # all mass on EOS: uniform
     return a.astype(np.float32)
+
+
+def weighted(maps: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """maps (L, nh, ...) averaged with a Choice's weights (L, nh) -> (...)."""
+    return np.einsum("lh,lh...->...", weights, maps.astype(np.float64)).astype(np.float32)
+
+
+def self_attention(a: np.ndarray, n_source: int) -> np.ndarray:
+    """(S, S) encoder self-attention of one source (EOS last, already averaged over layers and heads) -> its
+    (n, n) block over the real source tokens, rows renormalised to sum to 1 (the EOS row and column are dropped,
+    as in the alignment)."""
+    return alignment(a[:n_source], n_source)

@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.runtime import attention
 from service.runtime.slots import SlotBuffers, SlotStep
 
-Encode = Callable[[list[list[int]]], np.ndarray]  # source ids (EOS included) -> cross_kv (L, 2, n, nh, S, hs)
+# source ids (EOS included), encoder attention wanted -> cross_kv (L, 2, n, nh, S, hs), (L_enc, n, nh, S, S) | None
+Encode = Callable[[list[list[int]], bool], tuple[np.ndarray, np.ndarray | None]]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Sequence:
     max_new_tokens: int = 128
     length_penalty: float = 1.0
     align: np.ndarray | None = None  # (L, nh) weights over layers x heads of the alignment row; None = none
+    encoder_align: np.ndarray | None = None  # (L_enc, nh) weights of the encoder self-attention map; None = none
     deadline: float | None = None  # time.monotonic() past which the sequence is dropped
     on_token: Callable[[Sequence, int, np.ndarray | None], None] | None = None  # greedy only: each new token
     on_done: Callable[[Sequence], None] | None = None
@@ -57,6 +60,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)  # the result, without EOS
     score: float = 0.0
     attention: np.ndarray | None = None  # (len(tokens), S) the step rows that produced each token
+    encoder_attention: np.ndarray | None = None  # (S, S) encoder self-attention (EOS included), when asked
     dropped: str | None = None  # "disconnect" | "deadline" | "shutdown"
     _greedy_rows: list[np.ndarray] = field(default_factory=list)
     _beam: _Beams | None = None
@@ -177,6 +181,8 @@ class Engine:
         stats.admitted = batch
         empty = [s for s in batch if not s.src_ids]
         for seq in empty:  # nothing to translate: done, without a slot
+            if seq.encoder_align is not None:
+                seq.encoder_attention = np.zeros((0, 0), np.float32)
             self._finish(seq)
             stats.finished.append(seq)
         batch = [s for s in batch if s.src_ids]
@@ -184,7 +190,8 @@ class Engine:
             return
         rows = self.live + sum(s.beam_size for s in batch)
         self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
-        cross = self.encode([s.src_ids for s in batch])  # (L, 2, n, nh, S, hs)
+        cross, _ = self.encode([s.src_ids for s in batch], False)  # (L, 2, n, nh, S, hs)
+        self._encoder_maps([s for s in batch if s.encoder_align is not None])
         for i, seq in enumerate(batch):
             k = seq.beam_size
             seq.rows = list(range(self.live, self.live + k))
@@ -201,6 +208,17 @@ class Engine:
                 width = len(seq.src_ids) if seq.align is not None else 0
                 seq._beam = _Beams(np.zeros((k, 0), np.int64), scores, np.zeros((k, 0, width), np.float32))
             self.running.append(seq)
+
+    def _encoder_maps(self, asking: list[Sequence]) -> None:
+        """The encoder's attention variant, only for the sequences that ask for its map, each keeping its own
+        S x S block (padding excluded). The decoder keeps the plain encoder's keys/values: that graph's differ
+        by ~1e-6, and a text's tokens must not depend on whether it, or a batch-mate, asked for a map."""
+        if not asking:
+            return
+        _, enc = self.encode([s.src_ids for s in asking], True)  # (L_enc, n, nh, S, S)
+        for i, seq in enumerate(asking):
+            n = len(seq.src_ids)
+            seq.encoder_attention = attention.weighted(enc[:, i, :, :n, :n], seq.encoder_align)
 
     def _positions_needed(self) -> int:
         return int(self.b.positions[: self.live].max()) + 1 if self.live else 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +24,28 @@ class TranslationResult:
     source_tokens: list[str]  # tokenizer pieces of the source, without the appended EOS
     target_tokens: list[str]  # generated pieces, without BOS/EOS
     attention: np.ndarray | None  # (len(target_tokens), len(source_tokens)), rows sum to 1
-    layer: int
+    layers: list[int]  # decoder layers and heads averaged into `attention`
     heads: list[int]
+    encoder_attention: np.ndarray | None = None  # (len(source_tokens),) * 2 encoder self-attention, rows sum to 1
+    encoder_layers: list[int] = field(default_factory=list)
+    encoder_heads: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Choices:
+    """A text's attention choices: the alignment's decoder layers/heads and the encoder map's (each checked,
+    also when its map is not asked for, so a request is valid or not whatever its flags)."""
+
+    align: attention.Choice
+    encoder: attention.Choice
+    return_attention: bool = False
+    return_encoder_attention: bool = False
 
 
 class TranslatorRuntime(ArtifactRuntime):
-    """Encoder and decoder-step sessions; the attention variants only run when alignment is asked for."""
+    """Encoder and decoder-step sessions; the attention variants only run when attention is asked for."""
 
-    GRAPHS = ("encoder", "decoder", "decoder_attn", "decoder_step")
+    GRAPHS = ("encoder", "encoder_attn", "decoder", "decoder_attn", "decoder_step")
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
@@ -42,6 +56,7 @@ class TranslatorRuntime(ArtifactRuntime):
         self.pad, self.bos, self.eos = special.get("pad", 0), special.get("bos", 1), special.get("eos", 2)
         m = self.manifest.model
         self.layers, self.heads = int(m["decoder_layers"]), int(m["heads"])
+        self.encoder_layers = int(m["encoder_layers"])
         self.max_source_tokens = int(m["max_source_tokens"])  # EOS included, as in training
         self.max_positions = int(m["max_positions"])
         self.vocab, self.head_dim = int(m["vocab"]), int(m["head_dim"])
@@ -64,19 +79,23 @@ class TranslatorRuntime(ArtifactRuntime):
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
         """-> cross_kv (L,2,N,nh,S,hs), src_mask (N,S) bool, source tokens per text."""
         sources = [self._source(t) for t in texts]
-        ids = np.full((len(texts), max(len(s[0]) for s in sources)), self.pad, dtype=np.int64)
+        cross, _ = self.encode_ids([s[0] for s in sources])
+        ids_mask = np.zeros((len(texts), cross.shape[4]), bool)
         for i, (row, _) in enumerate(sources):
-            ids[i, : len(row)] = row
-        (cross,) = self.sessions["encoder"].run(["cross_kv"], {"src_ids": ids})
-        return cross, ids != self.pad, [s[1] for s in sources]
+            ids_mask[i, : len(row)] = True
+        return cross, ids_mask, [s[1] for s in sources]
 
-    def encode_ids(self, sources: list[list[int]]) -> np.ndarray:
-        """Source ids (EOS included) -> cross_kv (L, 2, n, nh, S, hs), padded to the longest."""
+    def encode_ids(self, sources: list[list[int]], attention: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Source ids (EOS included) -> cross_kv (L, 2, n, nh, S, hs), padded to the longest, and with
+        ``attention`` the encoder's self-attention (L_enc, n, nh, S, S) from the `encoder_attn` graph."""
         ids = np.full((len(sources), max(len(s) for s in sources)), self.pad, dtype=np.int64)
         for i, row in enumerate(sources):
             ids[i, : len(row)] = row
+        if attention:
+            cross, attn = self.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": ids})
+            return cross, attn
         (cross,) = self.sessions["encoder"].run(["cross_kv"], {"src_ids": ids})
-        return cross
+        return cross, None
 
     def new_engine(self, settings: EngineSettings | None = None, *, rows: int | None = None) -> Engine:
         """A continuous-batching engine with its own slot buffers (one per replica)."""
@@ -87,32 +106,33 @@ class TranslatorRuntime(ArtifactRuntime):
         step = SlotStep(self.sessions["decoder_step"], buffers)
         return Engine(buffers, step, self.encode_ids, bos=self.bos, eos=self.eos, vocab=self.vocab, settings=settings)
 
-    def align_weights(self, layer: int = -1, heads: list[int] | None = None) -> tuple[np.ndarray, int, list[int]]:
-        """(L, nh) weights averaging the chosen heads of one decoder layer, and the normalised layer/heads."""
-        if not -self.layers <= layer < self.layers:
-            raise InputError(f"attention_layer must be in [-{self.layers}, {self.layers - 1}], got {layer}")
-        layer = layer % self.layers
-        heads = list(range(self.heads)) if heads is None else sorted(set(heads))
-        if not heads or not all(0 <= h < self.heads for h in heads):
-            raise InputError(f"attention_heads must be a non-empty subset of 0..{self.heads - 1}, got {heads}")
-        w = np.zeros((self.layers, self.heads), np.float32)
-        w[layer, heads] = 1.0 / len(heads)
-        return w, layer, heads
+    def choices(self, *, return_attention: bool = False, attention_layers: list[int] | None = None,
+                attention_heads: list[int] | None = None, return_encoder_attention: bool = False,
+                encoder_attention_layers: list[int] | None = None,
+                encoder_attention_heads: list[int] | None = None) -> Choices:
+        """Both maps' layers and heads, checked against this model's (InputError naming the field and range)."""
+        align = attention.choose(attention_layers, attention_heads, self.layers, self.heads, what="decoder layers")
+        encoder = attention.choose(encoder_attention_layers, encoder_attention_heads, self.encoder_layers,
+                                   self.heads, what="encoder layers",
+                                   fields=("encoder_attention_layers", "encoder_attention_heads"))
+        return Choices(align, encoder, return_attention, return_encoder_attention)
 
     def sequence(self, text: str, *, beam_size: int = 1, max_new_tokens: int = 128, length_penalty: float = 1.0,
-                 return_attention: bool = False, attention_layer: int = -1,
-                 attention_heads: list[int] | None = None) -> tuple[Sequence, list[str], int, list[int]]:
-        """An engine sequence for one text (checked like ``translate``), its source pieces, layer and heads."""
+                 **attention_kw) -> tuple[Sequence, list[str], Choices]:
+        """An engine sequence for one text (checked like ``translate``; ``attention_kw`` as ``choices``), its
+        source pieces and its attention choices."""
         self._check(beam_size, max_new_tokens)
-        weights, layer, heads = self.align_weights(attention_layer, attention_heads)
+        c = self.choices(**attention_kw)
         ids, pieces = self.source(text)
         seq = Sequence(ids, beam_size=beam_size, max_new_tokens=max_new_tokens, length_penalty=length_penalty,
-                       align=weights if return_attention else None)
-        return seq, pieces, layer, heads
+                       align=c.align.weights if c.return_attention else None,
+                       encoder_align=c.encoder.weights if c.return_encoder_attention else None)
+        return seq, pieces, c
 
-    def result(self, seq: Sequence, source_tokens: list[str], layer: int, heads: list[int]) -> TranslationResult:
+    def result(self, seq: Sequence, source_tokens: list[str], choices: Choices) -> TranslationResult:
         """A finished engine sequence -> the same result ``translate`` gives."""
-        return self._result(Hypothesis(seq.tokens, seq.score, seq.attention), source_tokens, layer, heads)
+        return self._result(Hypothesis(seq.tokens, seq.score, seq.attention), source_tokens, choices,
+                            seq.encoder_attention)
 
     def translate_engine(
         self, texts: list[str], settings: EngineSettings | None = None, **kw
@@ -132,15 +152,17 @@ class TranslatorRuntime(ArtifactRuntime):
         if not 1 <= max_new_tokens < self.max_positions:
             raise InputError(f"max_new_tokens must be between 1 and {self.max_positions - 1}, got {max_new_tokens}")
 
-    def step_fn(self, *, return_attention: bool, layer: int = -1, heads: list[int] | None = None) -> Step:
-        """The decoder step for ``decoding``; with attention it yields the chosen layer's head-mean row."""
-        heads = list(range(self.heads)) if heads is None else heads
+    def step_fn(self, *, return_attention: bool, weights: np.ndarray | None = None) -> Step:
+        """The decoder step for ``decoding``; with attention it yields each row's cross-attention weighted over
+        layers x heads by ``weights`` (L, nh) (a ``Choice``'s; default: the last layer's head mean)."""
+        if weights is None:
+            weights = attention.choose(None, None, self.layers, self.heads).weights
         sess = self.sessions["decoder_attn" if return_attention else "decoder"]
         names = ["logits", "present_kv", "cross_attentions"] if return_attention else ["logits", "present_kv"]
 
         def step(tokens: np.ndarray, cross: np.ndarray, mask: np.ndarray, past: np.ndarray):
             out = sess.run(names, {"tgt_ids": tokens, "cross_kv": cross, "src_mask": mask, "past_kv": past})
-            attn = out[2][layer][:, heads, -1].mean(axis=1) if return_attention else None  # (n, S)
+            attn = np.einsum("lh,lnhs->ns", weights, out[2][:, :, :, -1]) if return_attention else None  # (n, S)
             return out[0][:, -1], out[1], attn
 
         return step
@@ -152,36 +174,51 @@ class TranslatorRuntime(ArtifactRuntime):
         beam_size: int = 1,
         max_new_tokens: int = 128,
         length_penalty: float = 1.0,
-        return_attention: bool = False,
-        attention_layer: int = -1,
-        attention_heads: list[int] | None = None,
+        **attention_kw,
     ) -> list[TranslationResult]:
         """Translate a batch; each result equals translating that text alone (tokens exactly, floats to ~1e-6).
 
-        Alignment rows: one per target token, the cross-attention of the step that produced it (mean over
-        ``attention_heads`` of ``attention_layer``); the EOS step's row and the source EOS column are
-        dropped and rows renormalised over the real source tokens.
+        ``attention_kw`` as ``choices``. Alignment rows: one per target token, the cross-attention of the step
+        that produced it (mean over ``attention_heads`` of ``attention_layers``); the EOS step's row and the
+        source EOS column are dropped and rows renormalised over the real source tokens. The encoder map: the
+        encoder self-attention (mean over its chosen layers and heads), source EOS row and column dropped, rows
+        renormalised.
         """
         if not texts:
             return []
         self._check(beam_size, max_new_tokens)
-        _, layer, heads = self.align_weights(attention_layer, attention_heads)
-        cross, mask, src_tokens = self.encode(texts)
-        step = self.step_fn(return_attention=return_attention, layer=layer, heads=heads)
+        c = self.choices(**attention_kw)
+        sources = [self._source(t) for t in texts]
+        cross, _ = self.encode_ids([s[0] for s in sources])
+        # The map from the attention graph; the decoder keeps the plain graph's keys/values (as the engine does).
+        enc = self.encode_ids([s[0] for s in sources], attention=True)[1] if c.return_encoder_attention else None
+        mask = np.zeros((len(texts), cross.shape[4]), bool)
+        for i, (row, _) in enumerate(sources):
+            mask[i, : len(row)] = True
+        step = self.step_fn(return_attention=c.return_attention, weights=c.align.weights)
         kw = {"bos": self.bos, "eos": self.eos, "max_new_tokens": max_new_tokens}
         if beam_size == 1:
             hyps = greedy(step, cross, mask, **kw)
         else:
             hyps = beam_search(step, cross, mask, beam_size=beam_size, length_penalty=length_penalty, **kw)
-        return [self._result(h, s, layer, heads) for h, s in zip(hyps, src_tokens, strict=True)]
+        out = []
+        for i, (h, (ids, pieces)) in enumerate(zip(hyps, sources, strict=True)):
+            e = None if enc is None else attention.weighted(enc[:, i, :, : len(ids), : len(ids)], c.encoder.weights)
+            out.append(self._result(h, pieces, c, e))
+        return out
 
-    def _result(self, h: Hypothesis, source_tokens: list[str], layer: int, heads: list[int]) -> TranslationResult:
-        align = None if h.attention is None else attention.alignment(h.attention, len(source_tokens))
+    def _result(self, h: Hypothesis, source_tokens: list[str], c: Choices,
+                encoder: np.ndarray | None = None) -> TranslationResult:
+        n = len(source_tokens)
+        align = None if h.attention is None else attention.alignment(h.attention, n)
         return TranslationResult(
             text=self.tokenizer.decode(h.tokens),
             source_tokens=source_tokens,
             target_tokens=[self.tokenizer.id_to_token(t) for t in h.tokens],
             attention=align,
-            layer=layer,
-            heads=heads,
+            layers=c.align.layers,
+            heads=c.align.heads,
+            encoder_attention=None if encoder is None else attention.self_attention(encoder, n),
+            encoder_layers=c.encoder.layers,
+            encoder_heads=c.encoder.heads,
         )

@@ -57,6 +57,8 @@ async function loadModels() {
     $("models").innerHTML = "";
     const vit = body.models.find((m) => m.task === "image-classification");
     if (vit) setupMapChoices(vit.encoder_layers, vit.heads);
+    const mt = body.models.find((m) => m.task === "translation");
+    if (mt) setupAlignmentChoices(mt.decoder_layers, mt.heads);
     for (const m of body.models) {
       const span = document.createElement("span");
       span.className = "model";
@@ -111,6 +113,71 @@ function renderHeatmap(att) {
   box.append(table);
 }
 
+function setupAlignmentChoices(layers, heads) { // decoder layers as checkboxes (the last ticked), heads
+  for (let i = 0; i < layers; i++) {
+    const label = document.createElement("label");
+    label.innerHTML = `<input type="checkbox" value="${i}"> ${i}`;
+    label.firstChild.checked = i === layers - 1;
+    $("layer-boxes").append(label);
+  }
+  for (let h = 0; h < heads; h++) {
+    const o = document.createElement("option");
+    o.value = String(h);
+    o.textContent = String(h);
+    $("align-head").append(o);
+  }
+}
+
+function attentionChoice() { // the translate request's attention fields
+  const layers = [...document.querySelectorAll("#layer-boxes input:checked")].map((b) => Number(b.value));
+  const head = $("align-head").value;
+  const out = { return_encoder_attention: $("encoder").checked };
+  if (layers.length) out.attention_layers = layers;
+  if (head) out.attention_heads = [Number(head)];
+  return out;
+}
+
+function spanText(xs) { return xs.length > 2 && xs[xs.length - 1] - xs[0] === xs.length - 1 ?
+  `${xs[0]}-${xs[xs.length - 1]}` : xs.join(","); }
+
+function layersText(what, layers, heads) { // as service/pictures.py layers_caption
+  const text = `${what} ${layers.length === 1 ? "layer" : "layers"} ${spanText(layers)}, ` +
+    `${heads.length === 1 ? "head" : "heads"} ${spanText(heads)}`;
+  return layers.length * heads.length > 1 ? `${text} mean` : text;
+}
+
+function renderEncoder(enc) { // source x source, no interaction: hover a cell for its weight
+  const box = $("encoder-heatmap");
+  box.innerHTML = "";
+  $("encoder-panel").classList.toggle("hidden", !enc);
+  $("encoder-caption").textContent = enc ? `(${layersText("encoder", enc.layers, enc.heads)})` : "";
+  if (!enc || !enc.weights.length) return;
+  const scale = stretcher(enc.weights);
+  const table = document.createElement("table");
+  const head = table.createTHead().insertRow();
+  head.append(document.createElement("th"));
+  for (const tok of enc.tokens) {
+    const th = document.createElement("th");
+    const span = document.createElement("span");
+    span.textContent = readable(tok);
+    th.append(span);
+    head.append(th);
+  }
+  const body = table.createTBody();
+  enc.tokens.forEach((tok, i) => {
+    const row = body.insertRow();
+    const th = document.createElement("th");
+    th.textContent = readable(tok);
+    row.append(th);
+    enc.weights[i].forEach((w, j) => {
+      const td = row.insertCell();
+      td.style.background = colour(scale(w));
+      td.title = `${readable(tok)} -> ${readable(enc.tokens[j])}: ${w.toFixed(3)}`;
+    });
+  });
+  box.append(table);
+}
+
 function highlight(i) { // light up the source tokens target token i attended to
   const box = $("heatmap");
   box.querySelectorAll("tbody tr").forEach((tr) => {
@@ -147,12 +214,14 @@ async function translate(ev) {
   ev.preventDefault();
   const text = $("source").value;
   const beam = Number($("beam").value), stream = $("stream").checked;
-  const body = { texts: [text], beam_size: beam, return_attention: true, stream };
+  const body = { texts: [text], beam_size: beam, return_attention: true, stream, ...attentionChoice() };
   showError("translate-error", "");
   $("translation").textContent = "";
   $("alignment-img").classList.add("hidden");
   $("alignment-png").classList.add("hidden");
+  $("alignment-caption").textContent = "";
   renderHeatmap(null);
+  renderEncoder(null);
   $("translate-btn").disabled = true;
   const t0 = performance.now();
   let first = null;
@@ -188,6 +257,9 @@ async function translate(ev) {
     const t = result.translations[0];
     $("translation").textContent = t.text;
     renderHeatmap(t.attention);
+    if (t.attention) $("alignment-caption").textContent = `alignment: ${layersText("decoder", t.attention.layers,
+      t.attention.heads)}`;
+    renderEncoder(t.encoder_attention);
     $("alignment-png").classList.remove("hidden");
     const ms = performance.now() - t0;
     $("translate-latency").textContent = (first !== null ? `first token ${first.toFixed(0)} ms, ` : "") +
@@ -202,7 +274,7 @@ async function translate(ev) {
 
 async function alignmentPng(ev) { // the same alignment drawn by the API (Accept: image/png)
   ev.preventDefault();
-  const body = { texts: [$("source").value], beam_size: Number($("beam").value) };
+  const body = { texts: [$("source").value], beam_size: Number($("beam").value), ...attentionChoice() };
   const r = await fetch("/v1/translate", { method: "POST", body: JSON.stringify(body),
     headers: { "Content-Type": "application/json", Accept: "image/png" } });
   if (!r.ok) return showError("translate-error", await apiError(r));

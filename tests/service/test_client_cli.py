@@ -27,7 +27,12 @@ def test_client_translate_classify_and_pictures(service):
     with Client(service.base) as c:
         assert {m.name for m in c.models().models} == {"translator-en-es", "vit-fashion"}
         t = c.translate(["Where is the train station?"], return_attention=True).translations[0]
-        assert "estación" in t.text and t.attention is not None
+        assert "estación" in t.text and t.attention is not None and t.encoder_attention is None
+        t = c.translate(["Where is the train station?"], return_attention=True, attention_layers=[0, 1],
+                        return_encoder_attention=True, encoder_attention_heads=[2]).translations[0]
+        assert t.attention.layers == [0, 1] and (t.encoder_attention.layers, t.encoder_attention.heads) == ([2], [2])
+        cls = c.classify([SAMPLE.read_bytes()], return_attention=True, attention="cls", layers=[0, -1]).predictions[0]
+        assert (cls.attention.method, cls.attention.layers) == ("cls", [0, 5])
         png = Image.open(io.BytesIO(c.translate_png("Where is the train station?")))
         assert png.format == "PNG" and png.width > 100
         pred = c.classify([SAMPLE.read_bytes()], top_k=2).predictions[0]
@@ -80,3 +85,15 @@ def test_cli_translate_and_classify(service, tmp_path):
     assert Image.open(tmp_path / "o.png").format == "PNG"
     bad = cli("translate", "x" * 2000, url=service.base)
     assert bad.returncode == 1 and "limit_exceeded" in bad.stderr
+    out = cli("translate", "Where is the train station?", "--attention", "--layers", "0,2", "--heads", "1",
+              "--encoder", "--encoder-layers", "-1", "--png", str(tmp_path / "e.png"), url=service.base)
+    assert out.returncode == 0, out.stderr
+    assert "alignment (decoder layers [0, 2], heads [1])" in out.stdout
+    assert "encoder self-attention (layers [2], heads [0, 1, 2, 3])" in out.stdout and " -> " in out.stdout
+    assert Image.open(tmp_path / "e.png").width > Image.open(tmp_path / "a.png").width  # the encoder panel
+    out = cli("classify", str(SAMPLE), "--map", "cls", "--layers", "0,5", "--attention", url=service.base)
+    assert out.returncode == 0 and "cls (layers [0, 5], heads [0, 1, 2, 3]): most attended patches row" in out.stdout
+    bad = cli("classify", str(SAMPLE), "--layers", "1", url=service.base)
+    assert bad.returncode == 2 and "--map cls" in bad.stderr
+    bad = cli("translate", "Hi.", "--layers", "9", url=service.base)
+    assert bad.returncode == 1 and "[-3, 2]" in bad.stderr

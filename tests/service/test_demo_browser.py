@@ -71,6 +71,28 @@ def test_translate_streams_and_highlights(page):
     # The same alignment drawn by the API (Accept: image/png).
     page.click("#alignment-png")
     page.wait_for_function("document.querySelector('#alignment-img').naturalWidth > 0")
+    assert page.inner_text("#alignment-caption") == "alignment: decoder layer 2, heads 0-3 mean"
+    assert page.is_hidden("#encoder-panel")
+
+
+def test_translate_layers_heads_and_encoder_attention(page):
+    page.goto("/")
+    page.wait_for_selector("#layer-boxes input")
+    assert page.locator("#layer-boxes input").count() == 3
+    page.check("#layer-boxes input[value='0']")  # layers 0 and 2 (the last is ticked)
+    page.select_option("#align-head", "1")
+    page.check("#encoder")
+    page.uncheck("#stream")
+    page.fill("#source", "Where is the train station?")
+    page.click("#translate-btn")
+    page.wait_for_selector("#encoder-panel:not(.hidden)")
+    assert page.inner_text("#alignment-caption") == "alignment: decoder layers 0,2, head 1 mean"
+    assert "encoder layer 2, heads 0-3 mean" in page.inner_text("#encoder-caption")
+    sources = page.locator("#heatmap thead span").all_inner_texts()
+    assert page.locator("#encoder-heatmap thead span").all_inner_texts() == sources
+    assert page.locator("#encoder-heatmap tbody tr").count() == len(sources)
+    assert page.locator("#encoder-heatmap tbody td").count() == len(sources) ** 2
+    page.screenshot(path=str(OUT / "demo-translate-encoder.png"), full_page=True)
 
 
 def test_translate_errors_are_the_apis_messages(page):

@@ -49,7 +49,7 @@ def test_translate_with_attention(service):
         w = np.array(a["weights"])
         assert w.shape == (len(a["target_tokens"]), len(a["source_tokens"]))
         np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-4)
-        assert a["heads"] and isinstance(a["layer"], int)
+        assert a["heads"] and a["layers"] == [2] and t["encoder_attention"] is None
 
 
 def test_classify_json_multipart_and_attention(service):

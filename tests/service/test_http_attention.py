@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 
 import httpx
@@ -13,15 +14,21 @@ import pytest
 from PIL import Image
 from service_helpers import b64, png
 
-from service.runtime import ClassifierRuntime, find_artifact
+from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
 
 pytestmark = pytest.mark.slow
-VIT = "vit-fashion"
+VIT, MT = "vit-fashion", "translator-en-es"
+TEXTS = ["Where is the train station?", "The cat sleeps on the red chair.", "We ate bread and cheese."]
 
 
 @pytest.fixture(scope="module")
 def vit(service_artifacts: Path) -> ClassifierRuntime:
     return ClassifierRuntime(find_artifact(service_artifacts, VIT), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def mt(service_artifacts: Path) -> TranslatorRuntime:
+    return TranslatorRuntime(find_artifact(service_artifacts, MT), device="cpu")
 
 
 def gray(seed: int) -> np.ndarray:
@@ -170,3 +177,154 @@ def test_openapi_describes_the_classify_choices(service):
     form = body["multipart/form-data"]["schema"]
     assert form["properties"]["attention"]["enum"] == ["rollout", "cls"]
     assert form["properties"]["attention_layers"]["pattern"] == "^-?[0-9]+(,-?[0-9]+)*$"
+
+
+# ---- translate -----------------------------------------------------------------------------------------------
+
+def teacher_forced(mt: TranslatorRuntime, text: str, target_tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Independently of the engine: the answer's target fed whole through `decoder_attn` -> raw cross-attention
+    (L, nh, T, S), and `encoder_attn` on this text alone -> self-attention (L_enc, nh, S, S); S includes EOS."""
+    ids, _ = mt.source(text)
+    src = np.array([ids], np.int64)
+    cross, enc = mt.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": src})
+    tgt = np.array([[mt.bos, *(mt.tokenizer.token_to_id(t) for t in target_tokens)]], np.int64)
+    past = np.zeros((mt.layers, 2, 1, mt.heads, 0, mt.head_dim), np.float32)
+    (attn,) = mt.sessions["decoder_attn"].run(["cross_attentions"], {"tgt_ids": tgt, "cross_kv": cross,
+                                                                     "src_mask": src != mt.pad, "past_kv": past})
+    return attn[:, 0, :, : len(target_tokens)], enc[:, 0]
+
+
+def renormalised(rows: np.ndarray, n: int) -> np.ndarray:
+    """Drop the EOS column (and padding), rows summing to 1 over the n real source tokens."""
+    rows = rows[..., :n]
+    return rows / rows.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_alignment_of_several_layers_is_their_mean(service, mt, beam):
+    """layers [0, 2] x heads [1, 3]: the mean of those four raw cross-attention rows, EOS dropped, renormalised;
+    the single-layer answers are the same rows of each layer alone."""
+    body = {"texts": TEXTS, "beam_size": beam, "return_attention": True, "attention_heads": [3, 1]}
+    with service.client() as c:
+        both = c.post("/v1/translate", json={**body, "attention_layers": [2, 0, -1]}).json()["translations"]
+        each = [c.post("/v1/translate", json={**body, "attention_layers": [layer]}).json()["translations"]
+                for layer in (0, 2)]
+    for i, (text, t) in enumerate(zip(TEXTS, both, strict=True)):
+        a = t["attention"]
+        assert (a["layers"], a["heads"]) == ([0, 2], [1, 3])  # -1 is 2: merged, sorted
+        cross, _ = teacher_forced(mt, text, a["target_tokens"])
+        n = len(a["source_tokens"])
+        raw = {layer: cross[layer][[1, 3]].mean(axis=0) for layer in (0, 2)}  # (T, S) head means
+        np.testing.assert_allclose(a["weights"], renormalised((raw[0] + raw[2]) / 2, n), atol=1e-4)
+        for layer, answer in zip((0, 2), each, strict=True):
+            single = answer[i]["attention"]
+            assert single["target_tokens"] == a["target_tokens"] and single["layers"] == [layer]
+            np.testing.assert_allclose(single["weights"], renormalised(raw[layer], n), atol=1e-4)
+
+
+def test_encoder_attention_is_each_texts_own_block(service, mt):
+    """Texts of different lengths encoded in one batch: each gets its S x S block over its source tokens (padding
+    and EOS excluded), rows summing to 1, equal to its encoder run alone; the alignment is unchanged."""
+    body = {"texts": TEXTS, "return_encoder_attention": True, "encoder_attention_layers": [0, -1],
+            "encoder_attention_heads": [2]}
+    with service.client() as c:
+        r = c.post("/v1/translate", json=body).json()["translations"]
+        plain = c.post("/v1/translate", json={"texts": TEXTS}).json()["translations"]
+        default = c.post("/v1/translate", json={"texts": TEXTS[:1], "return_encoder_attention": True,
+                                                "return_attention": True}).json()["translations"][0]
+    assert [t["text"] for t in r] == [t["text"] for t in plain]  # the attention graph changes no token
+    for text, t in zip(TEXTS, r, strict=True):
+        e = t["encoder_attention"]
+        assert t["attention"] is None and (e["layers"], e["heads"]) == ([0, 2], [2])
+        _, pieces = mt.source(text)
+        assert e["tokens"] == pieces
+        w = np.array(e["weights"])
+        assert w.shape == (len(pieces), len(pieces))
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-5)
+        _, enc = teacher_forced(mt, text, [])
+        expected = renormalised(enc[[0, 2]][:, [2]].mean(axis=(0, 1))[: len(pieces)], len(pieces))
+        np.testing.assert_allclose(w, expected, atol=1e-5)
+    e = default["encoder_attention"]
+    assert (e["layers"], e["heads"]) == ([2], [0, 1, 2, 3]) and e["tokens"] == default["attention"]["source_tokens"]
+
+
+def events(lines) -> list[tuple[str, dict]]:
+    out, event = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[len("data: "):])))
+    return out
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_stream_and_beam_carry_the_encoder_attention_in_done(service, beam):
+    body = {"texts": TEXTS[:2], "beam_size": beam, "return_attention": True, "attention_layers": [0, 1],
+            "return_encoder_attention": True}
+    with service.client() as c:
+        plain = c.post("/v1/translate", json=body).json()
+        with c.stream("POST", "/v1/translate", json={**body, "stream": True}) as r:
+            got = events(r.iter_lines())
+    assert got[-1][0] == "done" and got[-1][1] == plain  # the done event is the response, encoder map included
+    for i, t in enumerate(plain["translations"]):
+        assert t["encoder_attention"]["layers"] == [2] and t["attention"]["layers"] == [0, 1]
+        rows = [d["alignment"] for k, d in got if k == "token" and d["index"] == i]
+        if beam == 1:  # greedy streams each token's row of the several-layer alignment
+            np.testing.assert_allclose(rows, t["attention"]["weights"], atol=1e-5)
+        else:
+            assert rows == []
+
+
+def test_translate_choices_out_of_range_are_422_naming_the_range(service):
+    cases = [({"attention_layers": [3]}, "attention_layers", "[-3, 2]"),
+             ({"attention_layers": [-4]}, "attention_layers", "[-3, 2]"),
+             ({"attention_heads": [4]}, "attention_heads", "[0, 3]"),
+             ({"encoder_attention_layers": [3]}, "encoder_attention_layers", "[-3, 2]"),
+             ({"encoder_attention_heads": [4]}, "encoder_attention_heads", "[0, 3]"),
+             ({"attention_layers": []}, "attention_layers", ""),
+             ({"attention_layers": [16]}, "attention_layers", ""),
+             ({"encoder_attention_layers": list(range(17))}, "encoder_attention_layers", "")]
+    with service.client() as c:
+        for extra, field, message in cases:
+            # Checked whether or not the map is asked for: a request is valid or not whatever its flags.
+            r = c.post("/v1/translate", json={"texts": ["Hello."], **extra})
+            err = r.json()["error"]
+            assert (r.status_code, err["code"]) == (422, "invalid_request"), (extra, r.text)
+            assert err["field"].startswith(field) and message in err["message"], err
+
+
+def test_translate_picture_has_the_encoder_panel_when_asked(service):
+    body = {"texts": ["Where is the train station?"], "attention_layers": [0, 2]}
+    with service.client(headers={"Accept": "image/png"}) as c:
+        one = c.post("/v1/translate", json=body)
+        two = c.post("/v1/translate", json={**body, "return_encoder_attention": True,
+                                            "encoder_attention_heads": [0]})
+    assert one.headers["x-attention"] == "decoder layers 0,2, heads 0-3 mean"
+    assert "x-encoder-attention" not in one.headers
+    assert two.headers["x-encoder-attention"] == "encoder layer 2, head 0"
+    a, b = (Image.open(io.BytesIO(r.content)) for r in (one, two))
+    assert a.format == b.format == "PNG" and b.width > a.width + 200  # a second panel, source x source
+
+
+def test_models_publish_the_translator_ranges(service):
+    with service.client() as c:
+        models = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+    assert (models[MT]["encoder_layers"], models[MT]["decoder_layers"], models[MT]["heads"]) == (3, 3, 4)
+
+
+def test_openapi_describes_the_translate_choices(service):
+    with service.client() as c:
+        schemas = c.get("/openapi.json").json()["components"]["schemas"]
+    req = schemas["TranslateRequest"]["properties"]
+    assert "attention_layer" not in req and req["return_encoder_attention"]["type"] == "boolean"
+    for name, lo, hi in (("attention_layers", -16, 15), ("attention_heads", 0, 15),
+                         ("encoder_attention_layers", -16, 15), ("encoder_attention_heads", 0, 15)):
+        arr = next(o for o in req[name]["anyOf"] if o.get("type") == "array")
+        assert {"type": "null"} in req[name]["anyOf"] and (arr["minItems"], arr["maxItems"]) == (1, 16)
+        assert (arr["items"]["minimum"], arr["items"]["maximum"]) == (lo, hi), name
+    assert set(schemas["TranslationAttention"]["required"]) == {"source_tokens", "target_tokens", "weights",
+                                                                "layers", "heads"}
+    assert set(schemas["EncoderAttention"]["required"]) == {"tokens", "weights", "layers", "heads"}
+    enc = schemas["Translation"]["properties"]["encoder_attention"]["anyOf"]
+    assert {"$ref": "#/components/schemas/EncoderAttention"} in enc

@@ -119,18 +119,18 @@ def test_client_leaving_a_stream_frees_its_slots(service):
     expect_dropped(service, "disconnect", before, 4)
 
 
-def test_alignment_layer_and_heads_are_chosen_per_request(service):
+def test_alignment_layers_and_heads_are_chosen_per_request(service):
     body = {"texts": TEXTS[:1], "return_attention": True}
     with service.client() as c:
         default = c.post("/v1/translate", json=body).json()["translations"][0]["attention"]
-        chosen = c.post("/v1/translate", json={**body, "attention_layer": 0, "attention_heads": [1, 2]}).json()
-        bad_layer = c.post("/v1/translate", json={**body, "attention_layer": 7})
+        chosen = c.post("/v1/translate", json={**body, "attention_layers": [0], "attention_heads": [1, 2]}).json()
+        bad_layer = c.post("/v1/translate", json={**body, "attention_layers": [7]})
         bad_head = c.post("/v1/translate", json={**body, "attention_heads": [9]})
     att = chosen["translations"][0]["attention"]
-    assert (default["layer"], default["heads"]) == (2, [0, 1, 2, 3])  # the last layer, mean of all heads
-    assert (att["layer"], att["heads"]) == (0, [1, 2])
+    assert (default["layers"], default["heads"]) == ([2], [0, 1, 2, 3])  # the last layer, mean of all heads
+    assert (att["layers"], att["heads"]) == ([0], [1, 2])
     assert att["target_tokens"] == default["target_tokens"]  # the choice changes the map, never the tokens
     assert att["weights"] != default["weights"]
     assert all(abs(sum(row) - 1) < 1e-4 for row in att["weights"])
-    for r, field in ((bad_layer, "attention_layer"), (bad_head, "attention_heads")):
+    for r, field in ((bad_layer, "attention_layers"), (bad_head, "attention_heads")):
         assert r.status_code == 422 and r.json()["error"]["field"] == field, r.text

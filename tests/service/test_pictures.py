@@ -104,3 +104,13 @@ def test_map_captions_name_the_map():
     pic = pictures.overlay_png(png(np.zeros((28, 28), np.uint8)), np.full((7, 7), 1 / 49),
                                caption="CLS attention, layers 0,1,2,3,4,5, heads 0,1,2,3 and a long tail of words")
     assert pic.caption.startswith("CLS attention") and pic.size[0] >= 3 * 12 + 2 * 280 + 80
+
+
+def test_alignment_picture_with_the_encoder_panel():
+    src, tgt = ["▁Where", "▁is", "?"], ["▁¿", "Dónde", "▁está", "?"]
+    one = pictures.alignment_png(src, tgt, weights(len(tgt), len(src)), caption="decoder layer 2, heads 0-3 mean")
+    two = pictures.alignment_png(src, tgt, weights(len(tgt), len(src)), encoder=weights(len(src), len(src)),
+                                 encoder_caption="encoder layer 2, head 0")
+    assert one.encoder_scale is None and two.encoder_scale is not None
+    assert two.size[0] > one.size[0] + 3 * 30 and two.x_labels == one.x_labels == ["Where", "is", "?"]
+    assert pictures.layers_caption("decoder", [0, 1, 2], [1]) == "decoder layers 0-2, head 1 mean"

@@ -172,3 +172,30 @@ def test_int8_batch_mates_change_little(service_artifacts):
     same = sum(a.target_tokens == b.target_tokens for a, b in zip(together, alone, strict=True))
     print(f"INT8-BATCH-MATES identical {same}/{len(texts)}")
     assert same >= 0.9 * len(texts)
+
+
+def test_encoder_attention_in_a_mixed_admission_batch(rt):
+    """One encoder batch where only some texts ask for the encoder's map: each gets its own S x S block (padding
+    excluded), equal to its map alone, and nobody's tokens change."""
+    engine = rt.new_engine(EngineSettings(max_encoder_batch=8))
+    asks = [False, True, False, True, True]
+    made = [rt.sequence(TEXTS[i], beam_size=1 + (i % 2) * 2, return_encoder_attention=a,
+                        encoder_attention_layers=[0, -1] if i == 3 else None) for i, a in enumerate(asks)]
+    for seq, *_ in made:
+        engine.submit(seq)
+    first = engine.iterate()
+    assert len(first.admitted) == len(made)  # all encoded together
+    while not engine.idle:
+        engine.iterate()
+    for i, (seq, pieces, choices) in enumerate(made):
+        r = rt.result(seq, pieces, choices)
+        (alone,) = rt.translate_engine([TEXTS[i]], beam_size=1 + (i % 2) * 2, return_encoder_attention=asks[i],
+                                       encoder_attention_layers=[0, -1] if i == 3 else None)
+        assert r.target_tokens == alone.target_tokens
+        if not asks[i]:
+            assert r.encoder_attention is None
+            continue
+        n = len(pieces)
+        assert r.encoder_attention.shape == (n, n) and r.encoder_layers == ([0, 2] if i == 3 else [2])
+        np.testing.assert_allclose(r.encoder_attention, alone.encoder_attention, atol=1e-5)
+        np.testing.assert_allclose(r.encoder_attention.sum(axis=1), 1.0, atol=1e-5)

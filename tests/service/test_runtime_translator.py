@@ -49,19 +49,68 @@ def test_beam_one_equals_greedy(rt):
                 np.testing.assert_allclose(hg.attention, hb.attention, atol=1e-6)
 
 
-@pytest.mark.parametrize("layer,heads", [(-1, None), (0, [1]), (1, [0, 3])])
-def test_alignment_rows_sum_to_one(rt, layer, heads):
+@pytest.mark.parametrize("layers,heads", [(None, None), ([0], [1]), ([1, 0, -1], [0, 3])])
+def test_alignment_rows_sum_to_one(rt, layers, heads):
     for r in rt.translate(
-        TEXTS, beam_size=2, max_new_tokens=MAX, return_attention=True, attention_layer=layer, attention_heads=heads
+        TEXTS, beam_size=2, max_new_tokens=MAX, return_attention=True, attention_layers=layers, attention_heads=heads
     ):
         assert r.attention.shape == (len(r.target_tokens), len(r.source_tokens))
         np.testing.assert_allclose(r.attention.sum(axis=1), 1.0, atol=1e-5)
-        assert r.layer == layer % rt.layers and r.heads == (heads or list(range(rt.heads)))
+        assert r.layers == sorted({x % rt.layers for x in layers or [-1]})
+        assert r.heads == sorted(set(heads or range(rt.heads)))
+
+
+def teacher_forced(rt: TranslatorRuntime, text: str, target_tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw cross-attention (L, nh, T, S) of the target fed whole through `decoder_attn`, and the encoder's
+    self-attention (L_enc, nh, S, S) from `encoder_attn`, for one text (S includes EOS)."""
+    ids, _ = rt.source(text)
+    src = np.array([ids], np.int64)
+    cross, enc = rt.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": src})
+    tgt = np.array([[rt.bos, *(rt.tokenizer.token_to_id(t) for t in target_tokens)]], np.int64)
+    past = np.zeros((rt.layers, 2, 1, rt.heads, 0, rt.head_dim), np.float32)
+    (attn,) = rt.sessions["decoder_attn"].run(["cross_attentions"], {"tgt_ids": tgt, "cross_kv": cross,
+                                                                     "src_mask": src != rt.pad, "past_kv": past})
+    return attn[:, 0, :, : len(target_tokens)], enc[:, 0]
+
+
+def renormalised(rows: np.ndarray, n: int) -> np.ndarray:
+    rows = rows[:, :n]
+    return rows / rows.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("engine", [False, True])
+def test_several_layers_average_the_raw_maps_of_each(rt, engine):
+    """Layers [0, 1] x heads [1, 2]: the mean of the four raw rows, EOS dropped, renormalised; the encoder map
+    likewise over its own layers; checked against the teacher-forced attention graphs."""
+    kw = {"return_attention": True, "attention_layers": [0, 1], "attention_heads": [2, 1],
+          "return_encoder_attention": True, "encoder_attention_layers": [-1, 0], "encoder_attention_heads": [3]}
+    run = rt.translate_engine if engine else rt.translate
+    for text, r in zip(TEXTS, run(TEXTS, max_new_tokens=MAX, **kw), strict=True):
+        cross, enc = teacher_forced(rt, text, r.target_tokens)
+        n = len(r.source_tokens)
+        expected = renormalised(cross[[0, 1]][:, [1, 2]].mean(axis=(0, 1)), n)
+        np.testing.assert_allclose(r.attention, expected, atol=1e-5)
+        assert (r.layers, r.heads, r.encoder_layers, r.encoder_heads) == ([0, 1], [1, 2], [0, rt.encoder_layers - 1],
+                                                                          [3])
+        e = enc[[0, rt.encoder_layers - 1]][:, [3]].mean(axis=(0, 1))[:n]
+        assert r.encoder_attention.shape == (n, n)
+        np.testing.assert_allclose(r.encoder_attention, renormalised(e, n), atol=1e-5)
+        np.testing.assert_allclose(r.encoder_attention.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_encoder_attention_only_when_asked(rt):
+    plain = rt.translate_engine(TEXTS[:2], max_new_tokens=MAX, return_attention=True)
+    both = rt.translate_engine(TEXTS[:2], max_new_tokens=MAX, return_attention=True, return_encoder_attention=True)
+    assert all(r.encoder_attention is None for r in plain)
+    assert [r.target_tokens for r in plain] == [r.target_tokens for r in both]
+    for p, b in zip(plain, both, strict=True):
+        np.testing.assert_allclose(p.attention, b.attention, atol=1e-6)
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"beam_size": 0}, {"beam_size": 9}, {"attention_layer": 5}, {"attention_heads": [7]}, {"max_new_tokens": 0}],
+    [{"beam_size": 0}, {"beam_size": 9}, {"attention_layers": [5]}, {"attention_heads": [7]}, {"max_new_tokens": 0},
+     {"attention_layers": []}, {"encoder_attention_layers": [-3]}, {"encoder_attention_heads": [4]}],
 )
 def test_bad_arguments_raise_input_error(rt, kwargs):
     with pytest.raises(InputError):

@@ -65,7 +65,8 @@ def test_server_and_model_metadata(client):
     mt = client.get_model_metadata(MT)
     assert [i["name"] for i in mt["inputs"]] == ["TEXT"]
     assert {o["name"]: o["datatype"] for o in mt["outputs"]} == {
-        "TRANSLATION": "BYTES", "SOURCE_TOKENS": "BYTES", "TARGET_TOKENS": "BYTES", "ALIGNMENT": "FP32"}
+        "TRANSLATION": "BYTES", "SOURCE_TOKENS": "BYTES", "TARGET_TOKENS": "BYTES", "ALIGNMENT": "FP32",
+        "ENCODER_ATTENTION": "FP32"}
     assert "[n, T, S]" in mt["parameters"]["output.ALIGNMENT"]
     vit = client.get_model_metadata(VIT)
     assert {i["name"] for i in vit["inputs"]} == {"IMAGE", "IMAGE_BYTES"}
@@ -106,7 +107,38 @@ def test_translate_alignment_and_beam(service, client):
         assert strings(src[i])[:ns] == a["source_tokens"] and set(strings(src[i])[ns:]) <= {""}
         np.testing.assert_allclose(align[i, :nt, :ns], np.array(a["weights"]), atol=1e-5)
         assert not align[i, nt:].any() and not align[i, :, ns:].any()
-        assert params["layer"] == a["layer"] and params["heads"] == ",".join(map(str, a["heads"]))
+        assert params["layers"] == ",".join(map(str, a["layers"])) and params["heads"] == ",".join(map(str, a["heads"]))
+
+
+def test_translate_chosen_layers_and_encoder_attention_match_v1(service, client):
+    choice = {"attention_layers": [0, 2], "attention_heads": [1, 3], "encoder_attention_layers": [-1, 0]}
+    with service.client() as c:
+        v1 = c.post("/v1/translate", json={"texts": TEXTS[:2], "return_attention": True,
+                                           "return_encoder_attention": True, **choice}).json()["translations"]
+    params = {k: ",".join(map(str, v)) for k, v in choice.items()}
+    res = client.infer(MT, [text_input(TEXTS[:2])], parameters=params,
+                       outputs=out("ALIGNMENT", "ENCODER_ATTENTION", "SOURCE_TOKENS"))
+    align, enc, src = res.as_numpy("ALIGNMENT"), res.as_numpy("ENCODER_ATTENTION"), res.as_numpy("SOURCE_TOKENS")
+    assert enc.shape == (2, src.shape[1], src.shape[1])
+    assert res.get_output("ALIGNMENT")["parameters"].items() >= {"layers": "0,2", "heads": "1,3"}.items()
+    assert res.get_output("ENCODER_ATTENTION")["parameters"].items() >= {"layers": "0,2", "heads": "0,1,2,3"}.items()
+    for i, t in enumerate(v1):
+        a, e = t["attention"], t["encoder_attention"]
+        nt, ns = len(a["target_tokens"]), len(e["tokens"])
+        np.testing.assert_allclose(align[i, :nt, :ns], np.array(a["weights"]), atol=1e-6)
+        np.testing.assert_allclose(enc[i, :ns, :ns], np.array(e["weights"]), atol=1e-6)
+        assert not enc[i, ns:].any() and not enc[i, :, ns:].any()
+    # return_encoder_attention with no outputs: TRANSLATION, SOURCE_TOKENS, ENCODER_ATTENTION
+    res = client.infer(MT, [text_input(TEXTS[:1])], parameters={"return_encoder_attention": True})
+    assert [o["name"] for o in res.get_response()["outputs"]] == ["TRANSLATION", "SOURCE_TOKENS", "ENCODER_ATTENTION"]
+    for params, outputs, message in (
+            ({"attention_layers": "3"}, out("ALIGNMENT"), "[-3, 2]"),
+            ({"encoder_attention_heads": "4"}, out("ENCODER_ATTENTION"), "[0, 3]"),
+            ({"attention_layers": "16"}, None, "comma-separated integers in -16..15"),
+            ({"return_encoder_attention": False}, out("ENCODER_ATTENTION"), "return_encoder_attention is false")):
+        status, got = status_and_message(lambda p=params, o=outputs: client.infer(
+            MT, [text_input(TEXTS[:1])], parameters=p, outputs=o))
+        assert status == 400 and message in got, (params, got)
 
 
 def test_classify_matches_v1_with_top_k_and_rollout(service, client):
