@@ -75,7 +75,9 @@ class TokenEvent(BaseModel):
     index: int = Field(description="Which text of the request.")
     token: str = Field(description="The new target piece (`▁` marks a word start).")
     text: str = Field(description="The translation so far.")
-    alignment: list[float] | None = Field(None, description="This token's row over the source tokens, if asked.")
+    alignment: list[float] | None = Field(None, description="This token's alignment row over the source tokens "
+                                          "(the mean over `attention_layers` and `attention_heads`, as the final "
+                                          "`attention.weights` row), if asked.")
 
 
 class TranslationAttention(BaseModel):

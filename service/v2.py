@@ -203,7 +203,7 @@ CLASSIFIER = ModelSpec(
                          "finding the evidence; all layers averaged and ROLLOUT are (docs/BENCHMARKS.md).",
     })
 SPECS = {"translator": TRANSLATOR, "classifier": CLASSIFIER}
-ALL_ON = {"return_attention": True, "return_encoder_attention": True, "attention": None}  # for the docs
+ALL_ON = {"return_attention": True, "return_encoder_attention": True}  # for the docs
 # Request parameters every model takes (tritonclient sends these itself).
 COMMON_PARAMS = {"binary_data_output": _p(bool, False, doc="every output as binary tensor data"),
                  "timeout": _p(int, None, 1, None, "microseconds; shortens (never extends) the deadline")}
@@ -406,8 +406,10 @@ def _metadata(name: str, info: dict[str, Any]) -> ModelMetadata:
             for t in [*spec.inputs, *spec.outputs]}
     for k, p in {**spec.params, **COMMON_PARAMS}.items():
         docs[f"parameter.{k}"] = p.describe()
-    docs["outputs.default"] = (f"without `outputs`: {', '.join(spec.default)}; with return_attention true also "
-                               f"{', '.join(spec.extra(ALL_ON))}")
+    extras = dict.fromkeys(n for method in ("rollout", "cls") for n in spec.extra({**ALL_ON, "attention": method}))
+    flags = " / ".join(k for k in ("return_attention", "return_encoder_attention") if k in spec.params)
+    docs["outputs.default"] = (f"without `outputs`: {', '.join(spec.default)}; {flags} true add (as each "
+                               f"parameter says) {', '.join(extras)}")
     if info.get("labels"):
         docs["labels"] = ",".join(info["labels"])
     return ModelMetadata(name=name, versions=[info["version"]], platform=PLATFORM, inputs=spec.inputs,

@@ -68,9 +68,13 @@ def test_server_and_model_metadata(client):
         "TRANSLATION": "BYTES", "SOURCE_TOKENS": "BYTES", "TARGET_TOKENS": "BYTES", "ALIGNMENT": "FP32",
         "ENCODER_ATTENTION": "FP32"}
     assert "[n, T, S]" in mt["parameters"]["output.ALIGNMENT"]
+    assert mt["parameters"]["outputs.default"].endswith("SOURCE_TOKENS, TARGET_TOKENS, ALIGNMENT, ENCODER_ATTENTION")
+    assert mt["parameters"]["parameter.attention_layers"].startswith("string of comma-separated integers -16..15")
     vit = client.get_model_metadata(VIT)
     assert {i["name"] for i in vit["inputs"]} == {"IMAGE", "IMAGE_BYTES"}
     assert len(vit["parameters"]["labels"].split(",")) == 10
+    assert vit["parameters"]["outputs.default"].endswith("ROLLOUT, CLS_ATTENTION")
+    assert vit["parameters"]["parameter.attention"].startswith("string rollout | cls")
     index = client.get_model_repository_index()
     assert {(m["name"], m["state"]) for m in index} == {(MT, "READY"), (VIT, "READY")}
 
