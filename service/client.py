@@ -3,8 +3,10 @@
 The server's URL is `--url`, else $ATTNSERVE_URL, else http://127.0.0.1:8000; a token (`--token` or
 $ATTNSERVE_TOKEN) is sent as `Authorization: Bearer ...`. A 503 (queue full, not ready) is retried after its
 Retry-After, and a connection that could not be opened is retried with backoff: both a bounded number of times,
-and both are safe for a POST (the server did no work). Any other error raises `ApiError` with the API's code and
-message.
+and both are safe for a POST (the server did no work). So is a request lost to a replica that died under it (the
+proxy's own 500/502, not in the API's error format, or a connection dropped mid-answer): inference has no side
+effects and gives the same answer again, so it is retried too. The service's own errors, a JSON 500
+(`internal_error`) included, raise `ApiError` with the API's code and message.
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ class ApiError(Exception):
             return cls(r.status_code, f"http_{r.status_code}", r.text[:500] or r.reason_phrase)
 
 
+def lost_in_the_proxy(r: httpx.Response) -> bool:
+    """A 500/502 that the service did not write: Serve's proxy answers so when the replica died mid-request."""
+    if r.status_code not in (500, 502):
+        return False
+    try:
+        body = r.json()
+    except ValueError:
+        return True
+    return not (isinstance(body, dict) and "error" in body)  # the service's errors, v1 and v2, have "error"
+
+
 class Client:
     def __init__(self, url: str | None = None, token: str | None = None, *, timeout_s: float = 120.0,
                  retries: int = 4, backoff_s: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
@@ -60,18 +73,22 @@ class Client:
         self.http.close()
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        """One call, retried on 503 (after Retry-After) and on connection failures; other errors raise ApiError."""
+        """One call, retried on 503 (after Retry-After), on connection failures and on answers lost to a dead
+        replica (see the module docstring); other errors raise ApiError."""
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
                 r = self.http.request(method, path, **kw)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError) as e:
                 if last:
                     raise ApiError(0, "connection_failed", f"cannot reach {self.url}: {e}") from None
                 time.sleep(self.backoff_s * 2**attempt)
                 continue
             if r.status_code == 503 and not last:
                 time.sleep(self._retry_after(r, attempt))
+                continue
+            if lost_in_the_proxy(r) and not last:
+                time.sleep(self.backoff_s * 2**attempt)
                 continue
             if r.status_code >= 400:
                 raise ApiError.from_response(r)

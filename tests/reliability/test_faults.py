@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -16,6 +17,7 @@ import aiohttp
 import pytest
 
 from bench.soak import ClosedLoop, Sample, replica_processes
+from service.client import ApiError, Client
 
 pytestmark = pytest.mark.slow
 
@@ -133,10 +135,39 @@ def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, 
     assert {p.pid for p in replica_processes(svc.pid)} == pids, "a replica died (OOM?) under overload"
 
 
+class RetryingClients:
+    """`n` threads calling the service through `service.client.Client`, which retries what a dead replica lost."""
+
+    def __init__(self, base: str, n: int) -> None:
+        self.base, self.ok, self.failed = base, 0, []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        with Client(self.base, retries=8, backoff_s=0.25, timeout_s=60) as c:
+            while not self._stop.is_set():
+                try:
+                    c.translate(BODY["texts"], max_new_tokens=BODY["max_new_tokens"])
+                    self.ok += 1
+                except ApiError as e:
+                    self.failed.append(str(e)[:200])
+
+    def start(self) -> RetryingClients:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=90)
+
+
 def test_sigkill_replica_under_load(own_service) -> None:
     svc, _ = own_service
     url = svc.base + "/v1/translate"
     load = ClosedLoop(url, BODY, CLIENTS, timeout_s=60).start()
+    retrying = RetryingClients(svc.base, 4).start()  # the same kill, seen through the typed client
     time.sleep(5.0)
     before = [s for s in load.since(1.0) if s.status == 200]
     rate = len(before) / (load.elapsed() - 1.0)
@@ -153,7 +184,9 @@ def test_sigkill_replica_under_load(own_service) -> None:
         if len(window) / 2.0 >= 0.5 * rate:
             recovered = now - 2.0 - t_kill  # the start of the first 2 s window back at half the rate or more
             break
+    time.sleep(2.0)  # the retrying clients' last retries
     samples = load.stop()
+    retrying.stop()
     after = [s for s in samples if s.t >= t_kill]
     failed = [s for s in after if s.status != 200]
     hung = [s for s in samples if s.status == -1 and "Timeout" in s.body]
@@ -162,11 +195,15 @@ def test_sigkill_replica_under_load(own_service) -> None:
            failed_statuses=dict(Counter(s.status for s in failed)), hung=len(hung),
            recovery_s=f"{recovered:.1f}" if recovered is not None else "none",
            new_replica=[p.pid for p in new] != [victim.pid] and bool(new),
-           failure_sample=(failed[0].body[:120] if failed else ""))
+           failure_sample=(failed[0].body[:120] if failed else ""),
+           retrying_client_ok=retrying.ok, retrying_client_failed=len(retrying.failed))
     assert recovered is not None, "throughput did not come back within 90 s"
     assert len(failed) <= in_flight, [s.body for s in failed][:3]
     assert not hung
     assert new and new[0].pid != victim.pid
+    # Inference is idempotent: the typed client retries what the dead replica lost (the proxy's plain 500).
+    assert not retrying.failed, retrying.failed[:3]
+    assert retrying.ok > 0
 
 
 def test_sigterm_drains_in_flight_and_loses_nothing(own_service) -> None:

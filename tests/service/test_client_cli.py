@@ -65,6 +65,26 @@ def test_client_retries_503_then_gives_up():
             c.models()
 
 
+def test_client_retries_what_a_dead_replica_lost_but_not_the_services_own_500():
+    limits = {k: 1 for k in ("max_texts", "max_text_chars", "max_source_tokens", "max_images", "max_image_bytes",
+                             "max_image_pixels", "max_body_bytes")}
+    answers = [httpx.Response(500, text="Internal Server Error"),  # Serve's proxy: the replica died
+               httpx.Response(502, text="Bad Gateway"),
+               httpx.Response(200, json={"models": [], "limits": limits})]
+    with Client("http://test", backoff_s=0.01, transport=httpx.MockTransport(lambda r: answers.pop(0))) as c:
+        assert c.models().models == [] and not answers
+    calls = []
+
+    def internal_error(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(500, json={"error": {"code": "internal_error", "message": "a bug"}})
+
+    with Client("http://test", backoff_s=0.01, transport=httpx.MockTransport(internal_error)) as c:
+        with pytest.raises(ApiError, match="internal_error"):
+            c.models()
+    assert calls == [1]  # a bug answers the same again: not retried
+
+
 def test_client_connection_errors_are_bounded():
     with Client("http://127.0.0.1:9", retries=2, backoff_s=0.01) as c:
         with pytest.raises(ApiError) as e:
