@@ -48,12 +48,12 @@ def curves(rt: ClassifierRuntime, image: np.ndarray, label: int, order: np.ndarr
 
 def api_maps(rt: ClassifierRuntime, images: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Predicted classes and every map the API offers that is worth a row: the rollout, the CLS attention of
-    each layer (head mean; the last is `attention: cls`'s default) and of all layers together."""
+    each layer (head mean) and of all layers together (`attention: cls`'s default)."""
     probs, rollout = rt.predict(images, rollout=True)
     maps = {"rollout (API default)": rollout}
     last = rt.layers - 1
-    choices = {f"cls, layer {last} = last (`cls` default)": [last],
-               f"cls, layers 0-{last} mean": list(range(rt.layers)),
+    choices = {f"cls, layer {last} = last": [last],
+               f"cls, layers 0-{last} mean (`cls` default)": list(range(rt.layers)),
                **{f"cls, layer {layer}": [layer] for layer in range(last)}}
     for name, layers in choices.items():
         maps[name] = rt.predict(images, cls_weights=rt.cls_choice(layers).weights)[1]

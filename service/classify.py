@@ -92,7 +92,7 @@ MULTIPART_SCHEMA = {
         "attention": {"type": "string", "enum": ["rollout", "cls"], "default": "rollout",
                       "description": CLASSIFIER_MAPS},
         "attention_layers": {**INTS_SCHEMA, "description": "`cls` only: comma-separated layer indices (e.g. `0,5`, "
-                             "`-1`; as the JSON field `attention_layers`); absent = the last layer."},
+                             "`-1`; as the JSON field `attention_layers`); absent = all layers."},
         "attention_heads": {**INTS_SCHEMA, "description": "`cls` only: comma-separated head indices (e.g. `0,2`; "
                             "as the JSON field `attention_heads`); absent = all heads."},
     },

@@ -129,8 +129,8 @@ class ClassifyRequest(_Strict):
     attention: Literal["rollout", "cls"] = Field("rollout", description=CLASSIFIER_MAPS)
     attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
         "`cls` only: encoder layers averaged into the map; negative counts from the last; duplicates are merged; "
-        "null = the last layer (no better than random order at finding the evidence; all layers, e.g. "
-        "[0, 1, 2, 3, 4, 5], are: docs/BENCHMARKS.md). Outside the model's layers (GET /v1/models: "
+        "null = all layers (their mean beats random patch order at finding the evidence; the last layer "
+        "alone, [-1], does not: docs/BENCHMARKS.md). Outside the model's layers (GET /v1/models: "
         "`encoder_layers`): 422."))
     attention_heads: list[HeadIndex] | None = Field(None, min_length=1, max_length=MAX_HEADS, description=(
         "`cls` only: heads averaged into the map (0-based; duplicates are merged); null = all. Outside the "

@@ -199,8 +199,8 @@ CLASSIFIER = ModelSpec(
         "CLS_ATTENTION": "[n, 7, 7] the CLS token's attention over the patches, mean over the parameters "
                          "`attention_layers` and `attention_heads`, renormalised (sums to 1; as /v1's `attention: "
                          "cls`). Runs the CLS graph. Output parameters `method`, `layers`, `heads`. Not with ROLLOUT "
-                         "in one request. The last layer alone (the default) is no better than random order at "
-                         "finding the evidence; all layers averaged and ROLLOUT are (docs/BENCHMARKS.md).",
+                         "in one request. All layers averaged (the default) and ROLLOUT beat random order at finding "
+                         "the evidence; the last layer alone does not (docs/BENCHMARKS.md).",
     })
 SPECS = {"translator": TRANSLATOR, "classifier": CLASSIFIER}
 ALL_ON = {"return_attention": True, "return_encoder_attention": True}  # for the docs

@@ -69,8 +69,12 @@ class ClassifierRuntime(ArtifactRuntime):
         return attention.cls_attention(attentions, self.grid)
 
     def cls_choice(self, layers: list[int] | None = None, heads: list[int] | None = None) -> attention.Choice:
-        """The CLS map's layers and heads (None: the last layer, all heads), as weights for ``predict``."""
-        return attention.choose(layers, heads, self.layers, self.heads)
+        """The CLS map's layers and heads (None: all layers, all heads), as weights for ``predict``.
+
+        All layers by default: their mean beats random patch order at finding the evidence, the last layer
+        alone does not (`attnserve bench explain`, docs/BENCHMARKS.md)."""
+        return attention.choose(list(range(self.layers)) if layers is None else layers, heads, self.layers,
+                                self.heads)
 
     def predict(self, images: np.ndarray, *, rollout: bool = False,
                 cls_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

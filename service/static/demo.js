@@ -296,7 +296,6 @@ function setupMapChoices(layers, heads) { // the ViT's layers and heads, from GE
     select.append(o);
   };
   for (let i = 0; i < layers; i++) add(layer, String(i), String(i));
-  add(layer, "all", "mean of all");
   for (let h = 0; h < heads; h++) add(head, String(h), String(h));
 }
 
@@ -305,9 +304,7 @@ function mapChoice() { // the form fields of the chosen map (multipart: lists as
   const fields = { attention: method };
   if (method === "cls") {
     const layer = $("map-layer").value, head = $("map-head").value;
-    if (layer === "all") fields.attention_layers = [...$("map-layer").options].map((o) => o.value)
-      .filter((v) => /^\d+$/.test(v)).join(",");
-    else if (layer) fields.attention_layers = layer;
+    if (layer) fields.attention_layers = layer; // "" = the service's default: the mean of all layers
     if (head) fields.attention_heads = head;
   }
   return fields;

@@ -120,12 +120,12 @@ def test_classify_upload_and_sample(page):
     # The CLS attention of a chosen layer and head: the image is classified again and the caption names the map.
     page.select_option("#map", "cls")
     page.wait_for_function("document.querySelector('#overlay-caption').textContent.startsWith('CLS attention')")
-    assert page.inner_text("#overlay-caption") == "CLS attention, layer 5, heads 0-3 mean"
+    assert page.inner_text("#overlay-caption") == "CLS attention, layers 0-5, heads 0-3 mean"  # the default
     page.select_option("#map-layer", "1")
     page.select_option("#map-head", "2")
     page.wait_for_function("document.querySelector('#overlay-caption').textContent.includes('head 2')")
     assert page.inner_text("#overlay-caption") == "CLS attention, layer 1, head 2"
-    page.select_option("#map-layer", "all")
+    page.select_option("#map-layer", "")
     page.wait_for_function("document.querySelector('#overlay-caption').textContent.includes('layers 0-5')")
     page.wait_for_function("document.querySelector('#overlay').naturalWidth > 0")
     page.screenshot(path=str(OUT / "demo-classify-cls.png"), full_page=True)

@@ -45,7 +45,7 @@ def host_cls(attentions: np.ndarray, layers: list[int], heads: list[int]) -> np.
 # ---- classify ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("choice", "layers", "heads"), [
-    ({}, [5], [0, 1, 2, 3]),  # null = the last layer, all heads
+    ({}, [0, 1, 2, 3, 4, 5], [0, 1, 2, 3]),  # null = all layers, all heads
     ({"attention_layers": [0, -1], "attention_heads": [1, 2]}, [0, 5], [1, 2]),
     ({"attention_layers": [5, -1, 2], "attention_heads": [3, 3]}, [2, 5], [3]),  # duplicates merged
 ])
@@ -147,7 +147,7 @@ def test_classify_picture_names_its_map(service):
         one = c.post("/v1/classify", json={"images": [image], "attention": "cls", "attention_heads": [2]})
     assert default.headers["x-attention"].startswith("attention rollout")
     assert cls.headers["x-attention"] == "CLS attention, layers 0,1, heads 0-3 mean"
-    assert one.headers["x-attention"] == "CLS attention, layer 5, head 2"
+    assert one.headers["x-attention"] == "CLS attention, layers 0-5, head 2 mean"  # the default: all layers
     assert [Image.open(io.BytesIO(r.content)).format for r in (default, cls, one)] == ["PNG"] * 3
     assert len({default.content, cls.content, one.content}) == 3  # three maps, three pictures
 

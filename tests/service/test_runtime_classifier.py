@@ -80,7 +80,7 @@ def host_cls(attentions: np.ndarray, layers: list[int], heads: list[int]) -> np.
 def test_predict_cls_equals_host_cls_attention(rt, layers, heads):
     x = images(4)
     choice = rt.cls_choice(layers, heads)
-    assert choice.layers == sorted({i % rt.layers for i in (layers or [-1])})
+    assert choice.layers == sorted({i % rt.layers for i in (layers or range(rt.layers))})  # None: all layers
     probs, cls = rt.predict(x, cls_weights=choice.weights)
     ref = rt.classify(rt.normalize(x), return_attention=True)
     np.testing.assert_allclose(probs, ref.probs, atol=1e-5)
