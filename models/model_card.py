@@ -79,6 +79,7 @@ def write_card(path: Path) -> dict:
         data = DATA_VIT
     history = "\n".join(f"| {json.dumps({k: v for k, v in h.items()})} |" for h in t.get("history", []))
     tok_note = ", `tokenizer.json`" if meta["kind"] == "translator" else ""
+    note = f"\n- Note: {t['note']}" if t.get("note") else ""  # e.g. how the machine was shared
     card = f"""# {path.name}
 
 ## Model
@@ -93,7 +94,7 @@ def write_card(path: Path) -> dict:
 ## Training
 - Command: `{t["command"]}`
 - Hardware: {t["hardware"]}
-- Training time: {t["train_minutes"]} min ({t["steps"]} optimizer steps), seed {t["seed"]}
+- Training time: {t["train_minutes"]} min ({t["steps"]} optimizer steps), seed {t["seed"]}{note}
 - Files: `model.safetensors` (weights, no pickle), `config.json` (architecture, training details, metrics){tok_note}
 
 Validation history:
