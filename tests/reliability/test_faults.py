@@ -102,11 +102,11 @@ COMPUTE_BODY = {"texts": [
     ("compute", COMPUTE_BODY, 0.6, True),
     # One short sentence: capacity is the HTTP stack's (Ray Serve's proxy and replica spend ~8 ms of CPU per
     # request, py-spy), and a refusal costs nearly what a success does, so 3x load takes CPU from the admitted
-    # requests on these two cores. Measured 0.42-0.66 of capacity. On a quiet machine capacity is higher (61
-    # req/s), 3x of it saturates the proxy and the generator, and some answers came up to 1.3 s past the deadline
-    # (which starts in the replica, not at the client): asserted are the answers' form and a floor; the lateness
-    # is printed (slowest_s), not asserted.
-    ("light", BODY, 0.3, False),
+    # requests on these two cores. Measured 0.35-0.66 of capacity, lower the higher the capacity: on a quiet
+    # machine (61-70 req/s), 3x of it saturates the proxy and the generator, and some answers came up to 1.3 s
+    # past the deadline (which starts in the replica, not at the client). Asserted: the answers' form and a
+    # floor; the lateness is printed (slowest_s), not asserted.
+    ("light", BODY, 0.2, False),
 ])
 def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, body: dict, floor: float,
                                                         on_time: bool) -> None:
