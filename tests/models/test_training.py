@@ -64,3 +64,5 @@ def test_continue_a_checkpoint_without_its_optimizer_state(shared_data, tmp_path
     if after["training"]["steps"] > before["steps"]:
         assert after["valid"]["accuracy"] > max(h["valid_accuracy"] for h in before["history"])
         assert after["training"]["command"].startswith(before["command"] + "`, then `")
+    else:
+        assert after["training"] == before and state["best"] == max(h["valid_accuracy"] for h in before["history"])

@@ -1,9 +1,10 @@
-"""Small helpers for the HTTP tests: images, metrics scrapes."""
+"""Small helpers for the service tests: images, metrics scrapes, SSE parsing, reference attention maps."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from collections.abc import Callable
 
@@ -70,3 +71,33 @@ def wait_for(url: str, done: Callable[[Samples], bool], timeout_s: float = 60.0)
         if done(now) or time.monotonic() > deadline:
             return now
         time.sleep(0.5)
+
+
+def events(lines) -> list[tuple[str, dict]]:
+    """Parse a text/event-stream body into (event, data) pairs."""
+    out, event = [], None
+    for line in lines:
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            out.append((event, json.loads(line[len("data: "):])))
+    return out
+
+
+def teacher_forced(rt, text: str, target_tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Independently of the engine, for one text: the target fed whole through `decoder_attn` -> raw
+    cross-attention (L, nh, T, S), and `encoder_attn` -> self-attention (L_enc, nh, S, S); S includes EOS."""
+    ids, _ = rt.source(text)
+    src = np.array([ids], np.int64)
+    cross, enc = rt.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": src})
+    tgt = np.array([[rt.bos, *(rt.tokenizer.token_to_id(t) for t in target_tokens)]], np.int64)
+    past = np.zeros((rt.layers, 2, 1, rt.heads, 0, rt.head_dim), np.float32)
+    (attn,) = rt.sessions["decoder_attn"].run(["cross_attentions"], {"tgt_ids": tgt, "cross_kv": cross,
+                                                                     "src_mask": src != rt.pad, "past_kv": past})
+    return attn[:, 0, :, : len(target_tokens)], enc[:, 0]
+
+
+def renormalised(rows: np.ndarray, n: int) -> np.ndarray:
+    """Drop the EOS column (and padding): rows summing to 1 over the n real source tokens."""
+    rows = rows[..., :n]
+    return rows / rows.sum(-1, keepdims=True)

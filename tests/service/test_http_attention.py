@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import b64, png
+from service_helpers import b64, events, png, renormalised, teacher_forced
 
 from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
 
@@ -181,25 +180,6 @@ def test_openapi_describes_the_classify_choices(service):
 
 # ---- translate -----------------------------------------------------------------------------------------------
 
-def teacher_forced(mt: TranslatorRuntime, text: str, target_tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Independently of the engine: the answer's target fed whole through `decoder_attn` -> raw cross-attention
-    (L, nh, T, S), and `encoder_attn` on this text alone -> self-attention (L_enc, nh, S, S); S includes EOS."""
-    ids, _ = mt.source(text)
-    src = np.array([ids], np.int64)
-    cross, enc = mt.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": src})
-    tgt = np.array([[mt.bos, *(mt.tokenizer.token_to_id(t) for t in target_tokens)]], np.int64)
-    past = np.zeros((mt.layers, 2, 1, mt.heads, 0, mt.head_dim), np.float32)
-    (attn,) = mt.sessions["decoder_attn"].run(["cross_attentions"], {"tgt_ids": tgt, "cross_kv": cross,
-                                                                     "src_mask": src != mt.pad, "past_kv": past})
-    return attn[:, 0, :, : len(target_tokens)], enc[:, 0]
-
-
-def renormalised(rows: np.ndarray, n: int) -> np.ndarray:
-    """Drop the EOS column (and padding), rows summing to 1 over the n real source tokens."""
-    rows = rows[..., :n]
-    return rows / rows.sum(-1, keepdims=True)
-
-
 @pytest.mark.parametrize("beam", [1, 3])
 def test_alignment_of_several_layers_is_their_mean(service, mt, beam):
     """layers [0, 2] x heads [1, 3]: the mean of those four raw cross-attention rows, EOS dropped, renormalised;
@@ -247,15 +227,6 @@ def test_encoder_attention_is_each_texts_own_block(service, mt):
     e = default["encoder_attention"]
     assert (e["layers"], e["heads"]) == ([2], [0, 1, 2, 3]) and e["tokens"] == default["attention"]["source_tokens"]
 
-
-def events(lines) -> list[tuple[str, dict]]:
-    out, event = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            event = line[len("event: "):]
-        elif line.startswith("data: "):
-            out.append((event, json.loads(line[len("data: "):])))
-    return out
 
 
 @pytest.mark.parametrize("beam", [1, 4])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import httpx
-from service_helpers import scrape, value, wait_for
+from service_helpers import events, scrape, value, wait_for
 
 # Greedy decoding keeps counting until max_new_tokens on this text (measured: 200 of 200 tokens): a reliably
 # long decode. (Beam search stops much earlier on it: the tests below use greedy for length.)
@@ -15,16 +14,6 @@ LONG = ("one two three four five six seven eight nine ten eleven twelve thirteen
         "seventeen eighteen nineteen twenty")
 TEXTS = ["Where is the library?", "The cat sleeps on the red chair.", ""]
 
-
-def events(lines) -> list[tuple[str, dict]]:
-    """Parse a text/event-stream body into (event, data) pairs."""
-    out, event = [], None
-    for line in lines:
-        if line.startswith("event: "):
-            event = line[len("event: "):]
-        elif line.startswith("data: "):
-            out.append((event, json.loads(line[len("data: "):])))
-    return out
 
 
 def test_stream_rebuilds_the_final_response(service):

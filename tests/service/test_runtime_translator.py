@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from service_helpers import renormalised, teacher_forced
 
 from service.runtime import InputError, TranslatorRuntime
 from service.runtime.decoding import beam_search, greedy
@@ -58,24 +59,6 @@ def test_alignment_rows_sum_to_one(rt, layers, heads):
         np.testing.assert_allclose(r.attention.sum(axis=1), 1.0, atol=1e-5)
         assert r.layers == sorted({x % rt.layers for x in layers or [-1]})
         assert r.heads == sorted(set(heads or range(rt.heads)))
-
-
-def teacher_forced(rt: TranslatorRuntime, text: str, target_tokens: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Raw cross-attention (L, nh, T, S) of the target fed whole through `decoder_attn`, and the encoder's
-    self-attention (L_enc, nh, S, S) from `encoder_attn`, for one text (S includes EOS)."""
-    ids, _ = rt.source(text)
-    src = np.array([ids], np.int64)
-    cross, enc = rt.sessions["encoder_attn"].run(["cross_kv", "encoder_attentions"], {"src_ids": src})
-    tgt = np.array([[rt.bos, *(rt.tokenizer.token_to_id(t) for t in target_tokens)]], np.int64)
-    past = np.zeros((rt.layers, 2, 1, rt.heads, 0, rt.head_dim), np.float32)
-    (attn,) = rt.sessions["decoder_attn"].run(["cross_attentions"], {"tgt_ids": tgt, "cross_kv": cross,
-                                                                     "src_mask": src != rt.pad, "past_kv": past})
-    return attn[:, 0, :, : len(target_tokens)], enc[:, 0]
-
-
-def renormalised(rows: np.ndarray, n: int) -> np.ndarray:
-    rows = rows[:, :n]
-    return rows / rows.sum(-1, keepdims=True)
 
 
 @pytest.mark.parametrize("engine", [False, True])
