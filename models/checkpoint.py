@@ -19,7 +19,7 @@ KINDS: dict[str, tuple[type, type]] = {"translator": (Translator, TranslatorConf
 def save_checkpoint(model: torch.nn.Module, out: Path, *, kind: str, extra: dict[str, Any]) -> None:
     """Write weights and config.json; ``extra`` (training details, metrics) is merged into config.json."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(out / "model.safetensors")  # atomic: a reader never sees half a file

@@ -18,7 +18,16 @@ from tqdm import tqdm
 from models.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
 from models.data import spa_eng_splits
 from models.tokenizer import train_tokenizer
-from models.training import Budget, Continuation, hardware, load_state, save_state, seed_everything, set_lr
+from models.training import (
+    Budget,
+    Continuation,
+    hardware,
+    load_state,
+    pick_device,
+    save_state,
+    seed_everything,
+    set_lr,
+)
 from models.translator import BOS, EOS, PAD, Translator, TranslatorConfig, greedy_decode
 
 MAX_LEN = 128
@@ -63,9 +72,10 @@ def translate(model: Translator, tok: Tokenizer, texts: list[str], batch_size: i
     ids = [e.ids[: MAX_LEN - 1] + [EOS] for e in tok.encode_batch(texts)]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
+    device = next(model.parameters()).device
     for b in range(0, len(order), batch_size):
         chunk = order[b : b + batch_size]
-        hyps = greedy_decode(model, pad([ids[i] for i in chunk]), max_new_tokens=MAX_LEN)
+        hyps = greedy_decode(model, pad([ids[i] for i in chunk]).to(device), max_new_tokens=MAX_LEN)
         for i, h in zip(chunk, hyps, strict=True):
             out[i] = tok.decode(h)
     return out
@@ -96,10 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --state (or the --out weights)")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, for tests")
     p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--layers", type=int, default=3, help="encoder layers, and as many decoder layers")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    device = pick_device(args.device)
 
     splits = spa_eng_splits()
     if args.tiny:
@@ -111,12 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     else:
         tok = train_tokenizer([x for pair in splits["train"] for x in pair], vocab_size=1000 if args.tiny else 8000)
         tok.save(str(tok_path))
-    cfg = TranslatorConfig(vocab_size=tok.get_vocab_size(), dim=args.dim, ffn_dim=4 * args.dim)
+    cfg = TranslatorConfig(
+        vocab_size=tok.get_vocab_size(),
+        dim=args.dim,
+        ffn_dim=4 * args.dim,
+        encoder_layers=args.layers,
+        decoder_layers=args.layers,
+    )
     if args.tiny:
         cfg = TranslatorConfig(
             vocab_size=tok.get_vocab_size(), dim=32, heads=2, encoder_layers=1, decoder_layers=1, ffn_dim=64
         )
-    model = Translator(cfg)
+    model = Translator(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     train = encode_pairs(tok, splits["train"])
     steps_per_epoch = len(token_batches(train, args.max_tokens, random.Random(0)))
@@ -200,8 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         batches = token_batches(train, args.max_tokens, random.Random(args.seed * 1000 + epoch))  # resumable order
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", mininterval=30, file=sys.stdout)
         for bi, idx in enumerate(bar):
-            src = pad([train[i][0] for i in idx])
-            tgt = pad([train[i][1] for i in idx])
+            src = pad([train[i][0] for i in idx]).to(device, non_blocking=True)
+            tgt = pad([train[i][1] for i in idx]).to(device, non_blocking=True)
             set_lr(opt, budget.tick())
             loss = model.loss(src, tgt)
             opt.zero_grad(set_to_none=True)

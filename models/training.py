@@ -19,6 +19,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def pick_device(name: str) -> torch.device:
+    """ "auto" is the GPU when there is one. TF32 matmuls there: these models train in fp32 weights."""
+    dev = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
 def hardware() -> str:
     dev = (
         torch.cuda.get_device_name(0)

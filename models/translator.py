@@ -81,7 +81,6 @@ class DecoderLayer(nn.Module):
         x = x + a
         return x + self.dropout(self.ffn(self.norm_ffn(x))), (k, v), probs
 
-
     def step(
         self, x: Tensor, cache: tuple[Tensor, Tensor], valid: Tensor, cross: tuple[Tensor, Tensor], src_mask: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -228,9 +227,9 @@ def greedy_decode(model: Translator, src: Tensor, max_new_tokens: int = 128) -> 
     memory, _ = model.encode(src)
     cross = model.cross_kv(memory)
     src_mask = src != PAD
-    tokens = torch.full((src.size(0), 1), BOS, dtype=torch.long)
+    tokens = torch.full((src.size(0), 1), BOS, dtype=torch.long, device=src.device)
     past, steps = None, []
-    finished = torch.zeros(src.size(0), dtype=torch.bool)
+    finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
     for _ in range(max_new_tokens):
         logits, past, _ = model.decode(tokens, cross, src_mask, past)
         tokens = logits[:, -1:].argmax(-1)  # (B, 1)

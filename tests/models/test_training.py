@@ -66,3 +66,36 @@ def test_continue_a_checkpoint_without_its_optimizer_state(shared_data, tmp_path
         assert after["training"]["command"].startswith(before["command"] + "`, then `")
     else:
         assert after["training"] == before and state["best"] == max(h["valid_accuracy"] for h in before["history"])
+
+
+def test_strong_augmentation_is_seeded_and_pads_with_background():
+    from models.train_vit import MEAN, STD, augment_strong
+
+    background = -MEAN / STD
+    images = torch.full((8, 1, 28, 28), background)
+    images[:, :, 8:20, 10:18] = 2.0  # a bright block on the background
+    a = augment_strong(images, torch.Generator().manual_seed(1))
+    b = augment_strong(images, torch.Generator().manual_seed(1))
+    assert a.shape == images.shape and torch.equal(a, b)
+    assert not torch.equal(a, images)  # it moved, turned or erased something
+    blank = augment_strong(torch.full((4, 1, 28, 28), background), torch.Generator().manual_seed(2))
+    torch.testing.assert_close(blank, torch.full_like(blank, background))  # no black borders from the warp
+
+
+def test_vit_ema_checkpoint_holds_the_averaged_weights(shared_data, tmp_path):
+    out, state = tmp_path / "vit", tmp_path / "state.pt"
+    args = ["--tiny", "--epochs", "1", "--max-minutes", "1", "--ema", "0.9", "--augment", "strong"]
+    train_vit([*args, "--out", str(out), "--state", str(state), "--threads", "1"])
+    model, meta = load_checkpoint(out)
+    assert meta["training"]["ema"] == 0.9 and meta["training"]["augment"] == "strong"
+    raw = torch.load(state, weights_only=False)["model"]  # the optimizer's weights, kept to resume
+    saved = model.state_dict()
+    assert saved.keys() == raw.keys()
+    assert not torch.equal(saved["head.weight"], raw["head.weight"])  # the checkpoint is the average
+
+
+def test_pick_device_auto_is_the_cpu_without_a_gpu():
+    from models.training import pick_device
+
+    assert pick_device("cpu").type == "cpu"
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
