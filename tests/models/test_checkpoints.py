@@ -29,9 +29,10 @@ def test_checkpoint_loads_and_describes_itself(name):
         assert len(meta["labels"]) == meta["config"]["num_classes"]
 
 
-def test_checkpoints_stay_under_40_mb():
+def test_checkpoints_stay_under_60_mb():
+    """The bound the GPU-trained models were given (#11): the repository and the device tree stay small."""
     total = sum(f.stat().st_size for n in NAMES for f in (CHECKPOINTS / n).iterdir())
-    assert total < 40 * 2**20, f"{total / 2**20:.1f} MiB"
+    assert total < 60 * 10**6, f"{total / 10**6:.1f} MB"
 
 
 @pytest.mark.parametrize("name", NAMES)
