@@ -114,9 +114,9 @@ CLASSIFIER_MAPS = (
     "`cls`, the raw attention of the CLS token over the patches, mean over `attention_layers` and "
     "`attention_heads`, renormalised over the patches. Both run one attention graph. Measured against random "
     "patch order (deletion and insertion curves, 300 test images; docs/BENCHMARKS.md, `attnserve bench explain`): "
-    "the rollout beats random on both, and so does the CLS map averaged over all layers; the CLS map of the last "
-    "layer alone (`cls`'s default) is NO better than random (worse on deletion), nor is layer 0: a single layer "
-    "shows what that layer attends to, not where the evidence is.")
+    "the rollout beats random on both by the widest margin, and so does the CLS map averaged over all layers "
+    "(`cls`'s default). A single layer's map shows what that layer attends to, not where the evidence is: layer 0 "
+    "alone is WORSE than random, and the previous model's last layer was no better than random.")
 
 
 class ClassifyRequest(_Strict):

@@ -200,7 +200,8 @@ CLASSIFIER = ModelSpec(
                          "`attention_layers` and `attention_heads`, renormalised (sums to 1; as /v1's `attention: "
                          "cls`). Runs the CLS graph. Output parameters `method`, `layers`, `heads`. Not with ROLLOUT "
                          "in one request. All layers averaged (the default) and ROLLOUT beat random order at finding "
-                         "the evidence; the last layer alone does not (docs/BENCHMARKS.md).",
+                         "the evidence; a single layer's map need not (layer 0 alone is worse than random; "
+                         "docs/BENCHMARKS.md).",
     })
 SPECS = {"translator": TRANSLATOR, "classifier": CLASSIFIER}
 ALL_ON = {"return_attention": True, "return_encoder_attention": True}  # for the docs
