@@ -16,6 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 # The session service's config (tests/service/conftest.py): limits small enough to reach every error status.
 TEST_LIMITS = {"max_body_bytes": 1_000_000, "max_image_pixels": 1_000_000, "max_text_chars": 300}
 TRANSLATOR_MAX_PENDING = 16
+# A reliably long decode: greedy decoding of this text runs on to max_new_tokens (measured 256 of 256 with the
+# d=320 checkpoint; test_buffers_grow_for_long_rows_and_shrink_after fails first if a new checkpoint stops early).
+LONG_DECODE = " ".join(["ha"] * 60)
 
 
 def png(arr: np.ndarray | None = None, *, seed: int = 0, mode: str | None = None, fmt: str = "PNG") -> bytes:

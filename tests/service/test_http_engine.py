@@ -6,12 +6,9 @@ import threading
 import time
 
 import httpx
+from service_helpers import LONG_DECODE as LONG
 from service_helpers import events, scrape, value, wait_for
 
-# Greedy decoding keeps counting until max_new_tokens on this text (measured: 200 of 200 tokens): a reliably
-# long decode. (Beam search stops much earlier on it: the tests below use greedy for length.)
-LONG = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen twenty")
 TEXTS = ["Where is the library?", "The cat sleeps on the red chair.", ""]
 
 

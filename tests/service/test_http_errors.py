@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from service_helpers import TEST_LIMITS, TRANSLATOR_MAX_PENDING, b64, png, settled, value, wait_for
+from service_helpers import LONG_DECODE, TEST_LIMITS, TRANSLATOR_MAX_PENDING, b64, png, settled, value, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -280,11 +280,7 @@ def test_undecodable_images_400(service):
 def test_client_disconnect_is_counted_as_499_not_500(service):
     url = service.metrics_url
     before = settled(url)
-    # Greedy decoding keeps counting to max_new_tokens on this text (measured 200 of 200; beam search stops
-    # early): 32 rows x 256 steps outlast 0.5 s.
-    counting = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                "sixteen seventeen eighteen nineteen twenty")
-    body = {"texts": [counting] * 32, "max_new_tokens": 256}
+    body = {"texts": [LONG_DECODE] * 32, "max_new_tokens": 256}  # 32 rows x 256 greedy steps outlast 0.5 s
     with httpx.Client(base_url=service.base, timeout=httpx.Timeout(120, read=0.5)) as c:
         try:
             r = c.post("/v1/translate", json=body)  # the client gives up (and closes the connection) after 0.5 s

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+from service_helpers import LONG_DECODE
 
 from service.runtime import TranslatorRuntime, find_artifact
 from service.runtime.engine import EngineSettings
@@ -141,10 +142,8 @@ def test_settings_change_live(rt):
 
 
 def test_buffers_grow_for_long_rows_and_shrink_after(rt):
-    counting = ("one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                "sixteen seventeen eighteen nineteen twenty")  # greedy counts on to the cap
     engine = rt.new_engine(EngineSettings(max_slots=8))
-    long_seq, *_ = rt.sequence(counting, max_new_tokens=100)
+    long_seq, *_ = rt.sequence(LONG_DECODE, max_new_tokens=100)  # greedy runs on to the cap
     engine.submit(long_seq)
     while not engine.idle:
         engine.iterate()
