@@ -14,6 +14,10 @@ Locked down by default:
   code; like every Ray gRPC server it refuses calls without the token. docs/ARCHITECTURE.md lists every
   socket. With another --host, HTTP and the dashboard listen there and Ray uses the machine's address.
 
+Front (--front, service/front.py): by default HAProxy takes --host:--port and refuses what the models cannot
+admit with the service's JSON 503 before any Python runs; Serve then listens on a free loopback port behind it.
+`--front none` gives --host:--port to Serve itself.
+
 Ingress (--ingress, docs/BENCHMARKS.md "Ingress"): `throughput` (the default) is Ray Serve's
 RAY_SERVE_THROUGHPUT_OPTIMIZED mode: each ingress replica also serves HTTP itself (direct ingress, ports
 30000-31000 on --host), proxy and replicas talk gRPC. `default` is Serve's plain proxy. `haproxy` puts HAProxy
@@ -41,6 +45,7 @@ import httpx
 import yaml
 
 from service.config import REPO_ROOT, AppArgs
+from service.front import Front
 from service.runtime import ArtifactError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
@@ -228,7 +233,8 @@ async def _drain(timeout_s: float) -> None:
             await asyncio.sleep(0.1)
 
 
-def stop(token_file: Path | None = None) -> None:
+def stop(token_file: Path | None = None, front: Front | None = None) -> None:
+    """Drain, shut Serve and Ray down, then the front (which answers 503 meanwhile)."""
     import ray
 
     try:
@@ -237,6 +243,23 @@ def stop(token_file: Path | None = None) -> None:
         ray.shutdown()
         if token_file is not None:
             token_file.unlink(missing_ok=True)
+        if front is not None:
+            front.stop()
+
+
+def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | None, took_s: float) -> str:
+    lines = [f"  API      {base}/v1/translate  {base}/v1/classify  {base}/v1/models",
+             f"  docs     {base}/docs",
+             f"  health   {base}/healthz  {base}/readyz",
+             f"  metrics  http://{a.host}:{a.metrics_port}/metrics"]
+    if front is not None:
+        lines.append(f"  front    HAProxy on {a.host}:{a.port}, Serve behind it on 127.0.0.1:{front.upstream_port};"
+                     f" admits {front.describe()}")
+        if front.metrics_url:
+            lines.append(f"           front metrics {front.metrics_url}")
+    lines.append(f"  ray      {gcs}  (RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}"
+                 f" RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH', '<yours>')})")
+    return "\n".join([f"attnserve ready in {took_s:.1f} s", *lines, "Ctrl-C to stop."])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,12 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ingress", choices=sorted(INGRESS), default="throughput",
                    help="Serve's ingress: throughput (default; direct ingress + gRPC, on --host), default (plain"
                         " proxy), haproxy (opt-in: opens two unauthenticated ports on all interfaces)")
+    p.add_argument("--front", choices=["haproxy", "none"], default="haproxy",
+                   help="haproxy (default): HAProxy on --host:--port sheds load with JSON 503s before Python, Serve"
+                        " behind it on loopback; none: Serve's own proxy on --host:--port")
+    p.add_argument("--front-metrics-port", type=int, default=8081,
+                   help="the front's Prometheus exporter (0: none; default %(default)s)")
     p.add_argument("--no-export", action="store_true", help="fail instead of exporting missing artifacts")
     p.add_argument("--ready-timeout", type=float, default=180.0)
     a = p.parse_args(argv)
 
-    config = load_config(a.config, host=a.host, port=a.port)
-    ensure_artifacts(shared_args(config), export=not a.no_export)
+    serve_host, serve_port = (a.host, a.port) if a.front == "none" else ("127.0.0.1", free_port())
+    config = load_config(a.config, host=serve_host, port=serve_port)
+    args = shared_args(config)
+    ensure_artifacts(args, export=not a.no_export)
 
     stopping = False
 
@@ -268,28 +298,31 @@ def main(argv: list[str] | None = None) -> None:
 
     t0, base = time.monotonic(), f"http://{a.host}:{a.port}"
     token_file = lock_down(a.host)
-    choose_ingress(a.ingress, a.host)
+    choose_ingress(a.ingress, serve_host)
+    front = None
+    if a.front == "haproxy":
+        metrics_host = "127.0.0.1" if is_loopback(a.host) else a.host
+        front = Front(config, host=a.host, port=a.port, upstream_port=serve_port, metrics_host=metrics_host,
+                      metrics_port=a.front_metrics_port or None, retry_after_s=args.retry_after_s)
+        try:
+            front.start()
+        except RuntimeError as e:
+            front.stop()
+            sys.exit(f"attnserve serve: {e}")
     signal.signal(signal.SIGTERM, on_signal)
     try:
         gcs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own handler: ours must come after
         wait_ready(base, a.ready_timeout)
-        print(f"attnserve ready in {time.monotonic() - t0:.1f} s\n"
-              f"  API      {base}/v1/translate  {base}/v1/classify  {base}/v1/models\n"
-              f"  docs     {base}/docs\n"
-              f"  health   {base}/healthz  {base}/readyz\n"
-              f"  metrics  http://{a.host}:{a.metrics_port}/metrics\n"
-              f"  ray      {gcs}  (RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}"
-              f" RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH', '<yours>')})\n"
-              "Ctrl-C to stop.", flush=True)
+        print(ready_message(base, a, gcs, front, time.monotonic() - t0), flush=True)
         signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
     except (RuntimeError, TimeoutError) as e:
         print(f"attnserve serve: {e}", file=sys.stderr, flush=True)
-        stop(token_file)
+        stop(token_file, front)
         sys.exit(1)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    stop(token_file)
+    stop(token_file, front)
     print("stopped.", flush=True)

@@ -39,6 +39,7 @@ class Service:
     config: dict
     log: Path
     pid: int  # the `attnserve serve` process; Ray's processes are its descendants
+    front_metrics_url: str = ""  # HAProxy's Prometheus exporter (service/front.py)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=120, **kw)
@@ -47,13 +48,14 @@ class Service:
 def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None) -> tuple[Service, subprocess.Popen]:
     """Start with ``config`` and wait until ready (minutes on a loaded 2-core machine); fail with its log."""
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, front_metrics_port = free_port(), free_port(), free_port()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for var in ("ATTNSERVE_ARTIFACTS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         full_env.pop(var, None)
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(tmp / "serve_config.yaml"),
-           "--port", str(port), "--metrics-port", str(metrics_port), "--no-export"]
+           "--port", str(port), "--metrics-port", str(metrics_port),
+           "--front-metrics-port", str(front_metrics_port), "--no-export"]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
@@ -63,7 +65,7 @@ def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None) ->
             pytest.fail(f"attnserve serve did not become ready:\n{log.read_text()[-4000:]}")
         time.sleep(1)
     return Service(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", config, log,
-                   proc.pid), proc
+                   proc.pid, f"http://127.0.0.1:{front_metrics_port}/metrics"), proc
 
 
 def stop_service(proc: subprocess.Popen) -> None:

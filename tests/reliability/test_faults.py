@@ -14,7 +14,9 @@ import time
 from collections import Counter
 
 import aiohttp
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.soak import ClosedLoop, Sample, replica_processes
 from service.client import ApiError, Client
@@ -81,6 +83,14 @@ async def open_loop(url: str, body: dict, rate: float, seconds: float) -> tuple[
         return samples, time.monotonic() - t0
 
 
+def front_denied(url: str) -> float:
+    """Requests the front (HAProxy) refused itself, before Serve saw them."""
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        if family.name == "haproxy_frontend_requests_denied":
+            return sum(x.value for x in family.samples if x.labels.get("proxy") == "attnserve")
+    raise AssertionError("haproxy_frontend_requests_denied_total not exported")
+
+
 def quantile(xs: list[float], q: float) -> str:
     xs = sorted(xs)
     return f"{xs[int(q * (len(xs) - 1))]:.2f}" if xs else "nan"
@@ -95,34 +105,33 @@ COMPUTE_BODY = {"texts": [
 ], "max_new_tokens": 64}
 
 
-@pytest.mark.parametrize(("case", "body", "floor", "on_time"), [
-    # The issue's goal is goodput >= 90% of capacity at 3x load. Measured on 2 cores shared with the load
-    # generator (2026-11-22): 0.81 and 1.18 of capacity for this request, 0.54 with beam_size 4. Asserted: a floor
-    # below the measurements; the figures are printed (RELIABILITY-RESULT) and quoted in docs/BENCHMARKS.md.
-    ("compute", COMPUTE_BODY, 0.6, True),
-    # One short sentence: capacity is the HTTP stack's (Ray Serve's proxy and replica spend ~8 ms of CPU per
-    # request, py-spy), and a refusal costs nearly what a success does, so 3x load takes CPU from the admitted
-    # requests on these two cores. Measured 0.35-0.66 of capacity, lower the higher the capacity: on a quiet
-    # machine (61-70 req/s), 3x of it saturates the proxy and the generator, and some answers came up to 1.3 s
-    # past the deadline (which starts in the replica, not at the client). Asserted: the answers' form and a
-    # floor; the lateness is printed (slowest_s), not asserted.
-    ("light", BODY, 0.2, False),
+@pytest.mark.parametrize(("case", "body"), [
+    ("compute", COMPUTE_BODY),  # capacity is the model's (decoder steps), which admission control is for
+    # One short sentence: capacity is the HTTP stack's. Without the front a refusal cost ~8 ms of Python (Serve's
+    # proxy, the replica's gate), nearly a success, and goodput was 0.35-0.66 of capacity; the front (HAProxy,
+    # service/front.py) refuses in microseconds: 1.15 and 1.42 measured (2026-11-22).
+    ("light", BODY),
 ])
-def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, body: dict, floor: float,
-                                                        on_time: bool) -> None:
+def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, body: dict) -> None:
+    """The issue's goal: at 3x capacity, goodput >= 90% of capacity, every answer a 200 or the service's JSON
+    503 with Retry-After, within the deadline; no replica dies. (Capacity is that of `CLIENTS` closed-loop
+    clients; the front admits more at once, so goodput can exceed it.)"""
     svc, _ = own_service
     url = svc.base + "/v1/translate"
     pids = {p.pid for p in replica_processes(svc.pid)}
     cap = capacity(url, body)
     assert cap > 0
+    denied = front_denied(svc.front_metrics_url)
     samples, took = asyncio.run(open_loop(url, body, 3 * cap, 10.0))
+    denied = front_denied(svc.front_metrics_url) - denied
     statuses = Counter(s.status for s in samples)
     ok = [s for s in samples if s.status == 200]
     shed = [s for s in samples if s.status == 503]
     goodput = len(ok) / took
     plain_503 = [s for s in shed if json_error(s) is None]
     result(f"overload-{case}", capacity_rps=f"{cap:.1f}", offered_rps=f"{3 * cap:.1f}", goodput_rps=f"{goodput:.1f}",
-           goodput_ratio=f"{goodput / cap:.2f}", statuses=dict(statuses), proxy_plain_503=len(plain_503),
+           goodput_ratio=f"{goodput / cap:.2f}", statuses=dict(statuses), front_refused=int(denied),
+           proxy_plain_503=len(plain_503),
            schedule_s=f"{took:.1f}", ok_p50_s=quantile([s.seconds for s in ok], 0.5),
            ok_p99_s=quantile([s.seconds for s in ok], 0.99), refused_p50_s=quantile([s.seconds for s in shed], 0.5),
            refused_p99_s=quantile([s.seconds for s in shed], 0.99),
@@ -134,9 +143,8 @@ def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, 
         assert json_error(s)["code"] == "overloaded", s.body
     # Every answer within the client's deadline (X-Timeout-Ms), plus a second for the trip through the proxy.
     late = [s for s in samples if s.seconds > DEADLINE_MS / 1000 + 1.0]
-    if on_time:
-        assert not late, f"{len(late)} answers after the deadline, slowest {max(s.seconds for s in late):.1f} s"
-    assert goodput >= floor * cap
+    assert not late, f"{len(late)} answers after the deadline, slowest {max(s.seconds for s in late):.1f} s"
+    assert goodput >= 0.9 * cap
     assert {p.pid for p in replica_processes(svc.pid)} == pids, "a replica died (OOM?) under overload"
 
 

