@@ -9,7 +9,7 @@ Each model gets a backend that admits as many requests at once as its replicas d
 replicas the deployment can have) on /v1 and on v2 `infer`; a few more wait in HAProxy's queue for up to
 `retry_after_s`; the rest get the service's JSON 503 `overloaded` with Retry-After at once. The replicas' own
 gates still apply (the cost budget, fewer replicas than the maximum). Every other route passes unlimited.
-Answers HAProxy makes itself (502, 503, 504) use the service's error format too.
+Answers HAProxy makes itself (503, 504; its 502 becomes a 503 `unavailable`) use the service's error format.
 
 The front binds --host:--port; Serve's proxy moves to a free loopback port behind it. HAProxy's Prometheus
 exporter (`haproxy_backend_*{proxy="translator"}`: current queue, sessions, 5xx) listens on --front-metrics-port.
@@ -77,7 +77,11 @@ def error_files(retry_after_s: int) -> dict[int, bytes]:
     errorfile says (haproxy/haproxy#3032, fixed in 3.2), as Serve's proxy answered plain text before."""
     again = f"retry after {retry_after_s} s"
     return {
-        502: _error(502, "Bad Gateway", "unavailable", f"the service is restarting: {again}", retry_after_s),
+        # Serve's proxy closed the connection without an answer (stopping, restarting) and the retries met the
+        # same: a 503 to the client, which may send it again (inference is idempotent).
+        502: _error(503, "Service Unavailable", "unavailable",
+                    f"the service closed the connection without an answer (stopping or restarting): {again}",
+                    retry_after_s),
         # Queue full or waited `timeout queue`; also while Serve is not up (starting, stopping).
         503: _error(503, "Service Unavailable", "overloaded",
                     f"the model has as many requests as it admits, or the service is starting or stopping: {again}",
@@ -120,6 +124,11 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
     lines += ["    default_backend serve", "backend serve", f"    server serve 127.0.0.1:{upstream_port}"]
     for b in items:
         lines += [f"backend {b.name}",
+                  # Serve's proxy closed the connection without an answer (its restart, its teardown): inference
+                  # is idempotent, so ask again. (Not its 500 for a replica that died under a request: retried at
+                  # once it met the same dead replica, 4-6 of 8 still failed in two runs; service.client retries
+                  # those with backoff.) Only requests that fit the 16 KiB buffer can be retried.
+                  "    retry-on conn-failure empty-response",
                   f"    server serve 127.0.0.1:{upstream_port} maxconn {b.max_in_flight}"]
     if metrics_port:
         lines += ["frontend metrics", f"    bind {metrics_host}:{metrics_port}",

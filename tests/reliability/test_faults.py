@@ -253,4 +253,7 @@ def test_sigterm_drains_in_flight_and_loses_nothing(own_service) -> None:
     assert set(kinds) <= {"200", "503", "refused", "dropped"}
     for s in after:
         if s.status == 503:
-            assert json.loads(s.body)["error"]["code"] == "overloaded" and int(s.headers["retry-after"]) >= 1
+            # overloaded: a draining replica, or the front while Serve is gone; unavailable: Serve's proxy closed
+            # the front's connection in its teardown (service/front.py)
+            assert json.loads(s.body)["error"]["code"] in ("overloaded", "unavailable")
+            assert int(s.headers["retry-after"]) >= 1

