@@ -7,7 +7,9 @@ sees the request (docs/BENCHMARKS.md "Fault tests").
 
 Each model gets a backend that admits as many requests at once as its replicas do (`max_pending` x the most
 replicas the deployment can have) on /v1 and on v2 `infer`; a few more wait in HAProxy's queue for up to
-`retry_after_s`; the rest get the service's JSON 503 `overloaded` with Retry-After at once. The replicas' own
+`retry_after_s`; the rest get the service's JSON 503 `overloaded` with Retry-After at once (on v2 paths in the
+protocol's `{"error": "..."}` form; HAProxy's rarer own answers, a queue wait over or Serve down, use the /v1
+form on every path). The replicas' own
 gates still apply (the cost budget, fewer replicas than the maximum). Every other route passes unlimited.
 Answers HAProxy makes itself (503, 504; its 502 becomes a 503 `unavailable`) use the service's error format.
 
@@ -90,6 +92,14 @@ def error_files(retry_after_s: int) -> dict[int, bytes]:
     }
 
 
+V2_BUSY = "503-v2.json"  # the front's refusal on v2 paths: the protocol's `{"error": "..."}`
+
+
+def v2_busy(retry_after_s: int) -> bytes:
+    return json.dumps({"error": f"overloaded: the model has as many requests as it admits; retry after "
+                                f"{retry_after_s} s"}).encode()
+
+
 def render(items: list[Backend], *, host: str, port: int, upstream_port: int, metrics_host: str,
            metrics_port: int | None, errors_dir: Path, retry_after_s: int) -> str:
     lines = [
@@ -116,10 +126,14 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
         lines += [
             f"    acl is_{b.name} path {b.route_prefix}",  # lines of one acl name are alternatives
             f"    acl is_{b.name} path_beg {b.route_prefix.rstrip('/')}/",
-            f"    acl is_{b.name} path_reg ^{v2}(/versions/[^/]+)?/infer$",
-            # A full queue refuses at once (a server's maxqueue would only spill into the backend's own queue).
-            f"    http-request deny deny_status 503 if is_{b.name} {{ queue({b.name}) ge {b.max_queue} }}",
-            f"    use_backend {b.name} if is_{b.name}",
+            f"    acl is_{b.name}_v2 path_reg ^{v2}(/versions/[^/]+)?/infer$",
+            f"    acl {b.name}_full queue({b.name}) ge {b.max_queue}",
+            # A full queue refuses at once (a server's maxqueue would only spill into the backend's own queue),
+            # in each protocol's error form.
+            f"    http-request deny deny_status 503 if is_{b.name} {b.name}_full",
+            f"    http-request deny deny_status 503 content-type application/json file {errors_dir / V2_BUSY}"
+            f" hdr Retry-After {retry_after_s} if is_{b.name}_v2 {b.name}_full",
+            f"    use_backend {b.name} if is_{b.name} || is_{b.name}_v2",
         ]
     lines += ["    default_backend serve", "backend serve", f"    server serve 127.0.0.1:{upstream_port}"]
     for b in items:
@@ -168,6 +182,7 @@ class Front:
         self.folder = Path(tempfile.mkdtemp(prefix="attnserve-front-"))
         for status, data in error_files(retry_after_s).items():
             (self.folder / f"{status}.http").write_bytes(data)
+        (self.folder / V2_BUSY).write_bytes(v2_busy(retry_after_s))
         self.cfg = self.folder / "haproxy.cfg"
         self.cfg.write_text(render(self.items, host=host, port=port, upstream_port=upstream_port,
                                    metrics_host=metrics_host, metrics_port=metrics_port, errors_dir=self.folder,

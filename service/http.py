@@ -53,7 +53,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _error("schema violation, invalid JSON or UTF-8, bad X-Timeout-Ms (`invalid_request`) or a limit from "
                 "GET /v1/models (`limit_exceeded`)"),
     500: _error("a bug in the service (`internal_error`); bad input never causes one"),
-    503: _error("queue full (`overloaded`)", {"Retry-After": {
+    503: _error("the model admits no more now (`overloaded`: from the replica, or from `attnserve serve`'s front "
+                "before the service sees the request), or the service is stopping or restarting (`unavailable`)",
+                {"Retry-After": {
         "description": "seconds to wait before retrying", "schema": {"type": "integer", "minimum": 1}}}),
     504: _error("no result within the deadline (`deadline_exceeded`)"),
 }

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
-from local_serve import shipped_config
+from local_serve import free_port, shipped_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.front import Backend, backends, binary, error_files, render
+from service.front import V2_BUSY, Backend, Front, backends, binary, error_files, render, v2_busy
 
 
 def test_each_model_admits_what_its_replicas_admit():
@@ -26,6 +29,7 @@ def test_each_model_admits_what_its_replicas_admit():
 def test_config_is_accepted_by_haproxy(tmp_path: Path):
     for status, data in error_files(1).items():
         (tmp_path / f"{status}.http").write_bytes(data)
+    (tmp_path / V2_BUSY).write_bytes(v2_busy(1))
     cfg = tmp_path / "haproxy.cfg"
     cfg.write_text(render(backends(shipped_config()), host="127.0.0.1", port=8000, upstream_port=8001,
                           metrics_host="127.0.0.1", metrics_port=8081, errors_dir=tmp_path, retry_after_s=1))
@@ -47,6 +51,7 @@ def test_error_files_are_the_service_error_format():
         assert set(err) == {"code", "message"} and err["message"]
         assert ("Retry-After" in headers) == (status in (502, 503))
     assert json.loads(error_files(1)[503].split(b"\r\n\r\n")[1])["error"]["code"] == "overloaded"
+    assert isinstance(json.loads(v2_busy(1))["error"], str)  # the v2 protocol's form
 
 
 def test_requests_pass_through_the_front(service):
@@ -73,3 +78,48 @@ def test_malformed_http_gets_a_400_from_the_front(service):
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_full_model_is_refused_at_once_in_each_protocols_form(tmp_path: Path):
+    """The real HAProxy from the real Front, ahead of a slow upstream holding the one admitted request: with the
+    queue full too, the next /v1 and v2 requests are refused at once, each in its protocol's error form."""
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self):
+            time.sleep(3)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    config = {"applications": [{"route_prefix": "/v1/translate", "args": {"component": "translator",
+                                "translator": {"name": "translator-en-es", "max_pending": 1}},
+                                "deployments": [{"num_replicas": 1}]}]}
+    port = free_port()
+    front = Front(config, exe=binary(), host="127.0.0.1", port=port, upstream_port=upstream.server_port,
+                  metrics_host="127.0.0.1", metrics_port=None, retry_after_s=2).start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        held = [threading.Thread(target=httpx.post, args=(f"{base}/v1/translate",), kwargs={"timeout": 30})
+                for _ in range(2)]  # one admitted, one queued (max_queue = 1)
+        for t in held:
+            t.start()
+            time.sleep(0.3)
+        t0 = time.monotonic()
+        v1 = httpx.post(f"{base}/v1/translate", timeout=30)
+        v2 = httpx.post(f"{base}/v2/models/translator-en-es/infer", timeout=30)
+        assert time.monotonic() - t0 < 1.0  # refused, not queued
+        assert v1.status_code == 503 and v1.headers["Retry-After"] == "2"
+        assert v1.json()["error"]["code"] == "overloaded"
+        assert v2.status_code == 503 and v2.headers["Retry-After"] == "2"
+        assert v2.json()["error"].startswith("overloaded")
+        assert httpx.post(f"{base}/v1/classify", timeout=30).status_code == 200  # not a limited route here
+        for t in held:
+            t.join()
+    finally:
+        front.stop()
+        upstream.shutdown()
