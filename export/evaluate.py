@@ -122,6 +122,9 @@ def torch_translate(args: argparse.Namespace, texts: list[str]) -> list[str]:
 def vit_main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve eval vit", description=__doc__)
     p.add_argument("--npz", type=Path, required=True, help="arrays `images` (uint8 N x 28 x 28) and `labels` (int)")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="flip: average each image's and its mirror image's class probabilities (2x compute; a "
+                        "measurement: the service classifies the image as sent)")
     common(p, "vit-fashion")
     args = p.parse_args(argv)
     with np.load(args.npz) as f:
@@ -133,7 +136,7 @@ def vit_main(argv: list[str] | None = None) -> None:
 
         note_staleness(artifact, args.checkpoint)
         rt = ClassifierRuntime(artifact, precision=args.precision, intra_op_threads=args.threads)
-        result = vit_accuracy(rt, images, labels)
+        result = vit_accuracy(rt, images, labels, flip=args.tta == "flip")
         print(f"backend: onnx {args.precision} {rt.device}", file=sys.stderr)
     else:
         import torch
@@ -143,6 +146,6 @@ def vit_main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
         model, _ = load_checkpoint(args.checkpoint)
-        result = {"accuracy": round(accuracy(model, images, labels), 4), "n": int(len(images))}
+        result = {"accuracy": round(accuracy(model, images, labels, flip=args.tta == "flip"), 4), "n": int(len(images))}
         print("backend: torch fp32", file=sys.stderr)
     print(json.dumps(result))

@@ -29,9 +29,15 @@ def translator_metrics(rt: TranslatorRuntime, pairs: list[tuple[str, str]], *, b
     return bleu_chrf(hyps, [es for _, es in pairs])
 
 
-def vit_accuracy(rt: ClassifierRuntime, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500) -> dict:
+def vit_accuracy(rt: ClassifierRuntime, images: np.ndarray, labels: np.ndarray, *, batch_size: int = 500,
+                 flip: bool = False) -> dict:
+    """Accuracy through the graph the service runs. ``flip``: test-time augmentation, the mean of the class
+    probabilities of each image and its mirror image (twice the compute; not what the service serves)."""
     correct = 0
     for i in range(0, len(images), batch_size):
-        probs, _ = rt.predict(images[i : i + batch_size])  # the graph the service runs
+        batch = images[i : i + batch_size]
+        probs, _ = rt.predict(batch)
+        if flip:
+            probs = probs + rt.predict(np.ascontiguousarray(batch[..., ::-1]))[0]
         correct += int((probs.argmax(-1) == labels[i : i + batch_size]).sum())
     return {"accuracy": round(correct / len(images), 4), "n": int(len(images))}

@@ -31,6 +31,8 @@ FASHION_LABELS = [
 ]
 
 
+FASHION_VALID = 5000  # the ViT's valid split: the last 5,000 Fashion-MNIST training images
+
 def data_root() -> Path:
     """The shared data folder: $ATTNSERVE_DATA, else ../shared/data beside the repository."""
     env = os.environ.get("ATTNSERVE_DATA")

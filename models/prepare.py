@@ -1,7 +1,7 @@
 """`attnserve data`: write the evaluation inputs the eval commands take, from ../shared/data.
 
-spa-eng splits as ``english<TAB>spanish`` TSV files and the Fashion-MNIST test set as an .npz
-with ``images`` (uint8 N x 28 x 28) and ``labels``. Output is git-ignored (data is never committed).
+spa-eng splits as ``english<TAB>spanish`` TSV files, and the Fashion-MNIST test set and the ViT's valid split
+as .npz files with ``images`` (uint8 N x 28 x 28) and ``labels``. Output is git-ignored (data is never committed).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data import fashion_mnist, spa_eng_splits
+from models.data import FASHION_VALID, fashion_mnist, spa_eng_splits
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out / f"spa-eng-{name}.tsv"
         path.write_text("".join(f"{en}\t{es}\n" for en, es in pairs), encoding="utf-8")
         print(f"{path}: {len(pairs)} pairs")
-    images, labels = fashion_mnist("test")
-    np.savez_compressed(args.out / "fashion-test.npz", images=images, labels=labels)
-    print(f"{args.out / 'fashion-test.npz'}: {len(images)} images")
+    train_images, train_labels = fashion_mnist("train")
+    splits = {"valid": (train_images[-FASHION_VALID:], train_labels[-FASHION_VALID:]), "test": fashion_mnist("test")}
+    for name, (images, labels) in splits.items():
+        path = args.out / f"fashion-{name}.npz"
+        np.savez_compressed(path, images=images, labels=labels)
+        print(f"{path}: {len(images)} images")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.checkpoint import CHECKPOINTS, load_checkpoint, save_checkpoint
-from models.data import FASHION_LABELS, fashion_mnist
+from models.data import FASHION_LABELS, FASHION_VALID, fashion_mnist
 from models.training import (
     Budget,
     Continuation,
@@ -29,7 +29,7 @@ from models.training import (
 from models.vit import ViT, ViTConfig
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST train pixel statistics (after /255)
-VALID = 5000
+VALID = FASHION_VALID
 
 
 def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -73,12 +73,16 @@ def augment_strong(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accuracy(model: ViT, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+def accuracy(model: ViT, images: np.ndarray, labels: np.ndarray, batch: int = 500, *, flip: bool = False) -> float:
+    """``flip``: the mean class probabilities of each image and its mirror image (test-time augmentation)."""
     model.eval()
     correct, device = 0, next(model.parameters()).device
     for i in range(0, len(images), batch):
-        logits, _ = model(normalize(images[i : i + batch]).to(device))
-        correct += int((logits.argmax(-1).cpu().numpy() == labels[i : i + batch]).sum())
+        x = normalize(images[i : i + batch]).to(device)
+        probs = model(x)[0].softmax(-1)
+        if flip:
+            probs = probs + model(x.flip(-1))[0].softmax(-1)
+        correct += int((probs.argmax(-1).cpu().numpy() == labels[i : i + batch]).sum())
     return correct / len(images)
 
 

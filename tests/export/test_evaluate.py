@@ -66,6 +66,25 @@ def test_eval_vit_onnx_matches_torch(tiny_root, tiny_artifacts, files):
     assert set(result) == {"accuracy", "n"} and result["n"] == 6 and not torch_loaded
     fallback, torch_loaded = eval_cmd("vit_main", [*args, "--artifacts", str(tiny_root / "none")])
     assert torch_loaded and fallback == result
+    # test-time flip: the same averaged probabilities through ONNX Runtime and torch
+    flip, _ = eval_cmd("vit_main", [*args, "--tta", "flip"])
+    flip_torch, _ = eval_cmd("vit_main", [*args, "--tta", "flip", "--artifacts", str(tiny_root / "none")])
+    assert flip == flip_torch and flip["n"] == 6
+
+
+@pytest.mark.slow
+def test_flip_averages_each_image_with_its_mirror(artifacts_dir):
+    from export.metrics import vit_accuracy
+    from models.data import fashion_mnist
+    from service.runtime import ClassifierRuntime, find_artifact
+
+    rt = ClassifierRuntime(find_artifact(artifacts_dir, "vit-fashion"))
+    images = fashion_mnist("test")[0][:1000]
+    probs = rt.predict(images)[0] + rt.predict(np.ascontiguousarray(images[..., ::-1]))[0]
+    labels = probs.argmax(-1)  # right for every image only if both views are averaged
+    assert vit_accuracy(rt, images, labels, batch_size=300, flip=True)["accuracy"] == 1.0
+    assert (rt.predict(images)[0].argmax(-1) != labels).any()  # the flip changes some answers (measured: it does)
+    assert vit_accuracy(rt, images, labels, batch_size=300)["accuracy"] < 1.0
 
 
 @pytest.mark.slow
