@@ -133,8 +133,10 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
             f"    http-request deny deny_status 503 if is_{b.name} {b.name}_full",
             f"    http-request deny deny_status 503 content-type application/json file {errors_dir / V2_BUSY}"
             f" hdr Retry-After {retry_after_s} if is_{b.name}_v2 {b.name}_full",
-            f"    use_backend {b.name} if is_{b.name} || is_{b.name}_v2",
         ]
+    # HAProxy evaluates every http-request rule before any use_backend line, so they follow the rules (in that
+    # order HAProxy has nothing to warn about at start).
+    lines += [f"    use_backend {b.name} if is_{b.name} || is_{b.name}_v2" for b in items]
     lines += ["    default_backend serve", "backend serve", f"    server serve 127.0.0.1:{upstream_port}"]
     for b in items:
         lines += [f"backend {b.name}",

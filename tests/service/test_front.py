@@ -35,6 +35,7 @@ def test_config_is_accepted_by_haproxy(tmp_path: Path):
                           metrics_host="127.0.0.1", metrics_port=8081, errors_dir=tmp_path, retry_after_s=1))
     check = subprocess.run([binary(), "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+    assert "[WARNING]" not in check.stdout + check.stderr, check.stdout + check.stderr  # nothing printed at start
     text = cfg.read_text()
     assert "path_reg ^/v2/models/translator\\-en\\-es(/versions/[^/]+)?/infer$" in text  # v2 infer counts too
     assert "bind 127.0.0.1:8000" in text and "bind 127.0.0.1:8081" in text
