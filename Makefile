@@ -41,7 +41,7 @@ tools:
 	  else echo "promtool not on PATH and not root: tests/deploy Prometheus tests will skip (apt-get install prometheus)"; \
 	  fi; }
 	@# Chromium (driven by Playwright for tests/service/test_demo_browser.py; Playwright's own browser download is
-	@# not used) and DejaVu Sans (the font service/pictures.py draws labels with, accents and ¿¡ included).
+	@# not used) and DejaVu Sans (the font service/protocols/v1/pictures.py draws labels with, accents and ¿¡ included).
 	@{ command -v chromium >/dev/null 2>&1 && [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; } || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing chromium and fonts-dejavu-core (apt-get) for the demo browser test and the pictures"; \

@@ -11,9 +11,8 @@ import numpy as np
 from fastapi import FastAPI
 
 from service.config import AppArgs
-from service.preprocess import to_model_input
-from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
-from service.schemas import (
+from service.protocols.v1.preprocess import to_model_input
+from service.protocols.v1.schemas import (
     ClassifyRequest,
     ClassifyResponse,
     LabelScore,
@@ -22,6 +21,7 @@ from service.schemas import (
     TranslateResponse,
     Translation,
 )
+from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
 
 args = AppArgs()
 root = args.resolved_root()

@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import psutil
 
-from service.serve import is_loopback
+from service.launch.local import is_loopback
 
 REPLICA_TITLE = "ray::ServeReplica:"
 BODY = {"texts": ["The cat sleeps on the red chair."], "max_new_tokens": 16}

@@ -56,7 +56,7 @@ PROMETHEUS_NAMESPACE = {"kubernetes.io/metadata.name": "monitoring"}  # kube-pro
 # The only differences from serve_config.yaml: inside a pod the proxy must listen on the pod IP (the local config
 # binds loopback), on the port KubeRay's serve Service targets.
 IN_CLUSTER_OVERRIDES = {"http_options": {"host": "0.0.0.0", "port": SERVE_PORT}}
-# Serve's ingress, as `attnserve serve` starts it by default (service/serve.py: INGRESS["throughput"];
+# Serve's ingress, as `attnserve serve` starts it by default (service/launch/local.py: INGRESS["throughput"];
 # docs/BENCHMARKS.md "Ingress"): direct ingress (each ingress replica also serves HTTP on a port in 30000-31000 of
 # its pod IP) and gRPC between proxy and replicas. Those ports are reached only from pods of this RayService
 # (attnserve-ray-internal below); user traffic still enters through the proxy on SERVE_PORT.

@@ -27,13 +27,13 @@ def build_app(args: dict[str, Any] | BuildArgs) -> Application:
     parsed = args if isinstance(args, BuildArgs) else BuildArgs.model_validate(args)
     app_args = parsed.model_dump(exclude={"component"}, mode="json")
     if parsed.component == "translator":
-        from service.translate import Translator
+        from service.deployments.translator import Translator
 
         return Translator.bind(app_args)
     if parsed.component == "classifier":
-        from service.classify import Classifier
+        from service.deployments.classifier import Classifier
 
         return Classifier.bind(app_args)
-    from service.api import Api
+    from service.deployments.ingress import Api
 
     return Api.bind(app_args)

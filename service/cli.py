@@ -17,7 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "translator"): ("export.evaluate:translator_main", "BLEU/chrF of the translator on a TSV file"),
     ("eval", "vit"): ("export.evaluate:vit_main", "accuracy of the ViT on an .npz file"),
     ("export",): ("export.cli:main", "checkpoints -> verified ONNX artifacts"),
-    ("serve",): ("service.serve:main", "start Ray and the Serve app, print URLs"),
+    ("serve",): ("service.launch.local:main", "start Ray and the Serve app, print URLs"),
     ("translate",): ("service.client:translate_main", "translate with a running server (--attention, --png)"),
     ("classify",): ("service.client:classify_main", "classify images with a running server (--png)"),
     # Benchmarks: programs that print tables, in bench/ (not part of the serving image).

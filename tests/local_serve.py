@@ -39,7 +39,7 @@ class Service:
     config: dict
     log: Path
     pid: int  # the `attnserve serve` process; Ray's processes are its descendants
-    front_metrics_url: str = ""  # HAProxy's Prometheus exporter (service/front.py)
+    front_metrics_url: str = ""  # HAProxy's Prometheus exporter (service/launch/front.py)
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.base, timeout=120, **kw)

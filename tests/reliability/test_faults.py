@@ -109,7 +109,7 @@ COMPUTE_BODY = {"texts": [
     ("compute", COMPUTE_BODY),  # capacity is the model's (decoder steps), which admission control is for
     # One short sentence: capacity is the HTTP stack's. Without the front a refusal cost ~8 ms of Python (Serve's
     # proxy, the replica's gate), nearly a success, and goodput was 0.35-0.66 of capacity; the front (HAProxy,
-    # service/front.py) refuses in microseconds: 1.15 and 1.42 measured (2026-11-22).
+    # service/launch/front.py) refuses in microseconds: 1.15 and 1.42 measured (2026-11-22).
     ("light", BODY),
 ])
 def test_overload_sheds_with_json_503_and_keeps_goodput(own_service, case: str, body: dict) -> None:
@@ -254,6 +254,6 @@ def test_sigterm_drains_in_flight_and_loses_nothing(own_service) -> None:
     for s in after:
         if s.status == 503:
             # overloaded: a draining replica, or the front while Serve is gone; unavailable: Serve's proxy closed
-            # the front's connection in its teardown (service/front.py)
+            # the front's connection in its teardown (service/launch/front.py)
             assert json.loads(s.body)["error"]["code"] in ("overloaded", "unavailable")
             assert int(s.headers["retry-after"]) >= 1

@@ -1,4 +1,4 @@
-"""service/client.py and `attnserve translate` / `attnserve classify` against the live app."""
+"""service/client/__init__.py and `attnserve translate` / `attnserve classify` against the live app."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from service.client import ApiError, Client
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "service" / "static" / "samples" / "ankle-boot.png"
+SAMPLE = REPO / "service" / "protocols" / "static" / "samples" / "ankle-boot.png"
 
 
 def cli(*args: str, url: str) -> subprocess.CompletedProcess:

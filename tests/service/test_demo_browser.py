@@ -16,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "test-output"
-SAMPLE = REPO / "service" / "static" / "samples" / "ankle-boot.png"
+SAMPLE = REPO / "service" / "protocols" / "static" / "samples" / "ankle-boot.png"
 
 
 def chromium_path() -> str | None:

@@ -1,4 +1,4 @@
-"""The front (service/front.py): its HAProxy config from the shipped Serve config, and the real HAProxy in front of
+"""service/launch/front.py: its HAProxy config from the shipped Serve config, and the real HAProxy in front of
 the session service. Its overload behaviour is measured in tests/reliability (goodput at 3x capacity)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import httpx
 from local_serve import free_port, shipped_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.front import V2_BUSY, Backend, Front, backends, binary, error_files, render, v2_busy
+from service.launch.front import V2_BUSY, Backend, Front, backends, binary, error_files, render, v2_busy
 
 
 def test_each_model_admits_what_its_replicas_admit():

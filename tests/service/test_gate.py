@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from service.deployments.translator import cost
 from service.errors import DeadlineExceeded, Overloaded
-from service.http import Gate
-from service.schemas import TranslateRequest
-from service.translate import cost
+from service.protocols.asgi import Gate
+from service.protocols.v1.schemas import TranslateRequest
 
 
 def gate(**kw) -> Gate:

@@ -1,4 +1,4 @@
-"""Fast unit tests of the HTTP plumbing (service/http.py): how `Observed` counts every outcome, and what the
+"""Fast unit tests of the HTTP plumbing (service/protocols/asgi.py): how `Observed` counts every outcome, and what the
 OpenAPI document promises. No Ray cluster: the middleware runs around small FastAPI apps made by `make_api`.
 """
 
@@ -10,8 +10,8 @@ import json
 import pytest
 from fastapi import Request
 
-from service.api import merged_openapi
-from service.http import Observed, RouteSettings, make_api
+from service.deployments.ingress import merged_openapi
+from service.protocols.asgi import Observed, RouteSettings, make_api
 
 
 @pytest.fixture
@@ -166,7 +166,7 @@ def test_public_paths_and_auth_off(recorded):
 
 
 def test_v2_paths_answer_auth_and_body_errors_in_the_protocols_form(recorded):
-    from service.v2 import error_response
+    from service.protocols.v2.routes import error_response
 
     settings = RouteSettings("/", tokens=(b"key-one",), error_forms={"/v2": error_response})
     app = make_api("test", settings)

@@ -1,4 +1,4 @@
-"""service/pictures.py: the PNGs decode, have the drawn size, label what they were given, render accents."""
+"""protocols/v1/pictures.py: the PNGs decode, have the drawn size, label what they were given, render accents."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from service_helpers import png
 
-from service import pictures
 from service.errors import InvalidRequest
+from service.protocols.v1 import pictures
 
 SRC = ["▁Where", "▁is", "▁the", "▁train", "▁station", "?"]
 TGT = ["▁¿", "Dónde", "▁está", "▁la", "▁estación", "▁de", "▁tren", "?"]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
 from service.errors import BadImage, LimitExceeded
-from service.preprocess import decode_base64, to_model_input
+from service.protocols.v1.preprocess import decode_base64, to_model_input
 
 LIMITS = {"max_bytes": 200_000, "max_pixels": 1_000_000}
 PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None,

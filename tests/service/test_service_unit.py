@@ -16,7 +16,7 @@ from service_helpers import png
 from service.app import BuildArgs
 from service.config import EngineConfig
 from service.errors import BadImage, ImageTooLarge, LimitExceeded, field_path
-from service.preprocess import decode_base64, to_model_input
+from service.protocols.v1.preprocess import decode_base64, to_model_input
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "serve_config.yaml"
@@ -90,7 +90,8 @@ def test_field_paths():
 
 
 def test_service_never_imports_torch():
-    code = ("import sys, service.app, service.translate, service.classify, service.api, service.serve, "
-            "service.engine_loop; bad = [m for m in ('torch', 'models') if m in sys.modules]; "
+    code = ("import sys, service.app, service.deployments.translator, service.deployments.classifier, "
+            "service.deployments.ingress, service.launch.local, service.deployments.engine_loop; "
+            "bad = [m for m in ('torch', 'models') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

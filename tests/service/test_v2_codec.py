@@ -9,7 +9,7 @@ import pytest
 from tritonclient.http import InferInput, InferRequestedOutput, InferResult
 from tritonclient.http._utils import _get_inference_request
 
-from service.v2_codec import Output, V2Error, encode_response, parse_request
+from service.protocols.v2.codec import Output, V2Error, encode_response, parse_request
 
 
 def triton_body(inputs: list[InferInput], outputs: list[InferRequestedOutput] | None = None,

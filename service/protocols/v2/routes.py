@@ -1,6 +1,6 @@
 """Open Inference Protocol v2 (KServe/Triton REST) on the `api` app, beside the /v1 routes.
 
-Decode the v2 request (service/v2_codec.py) -> call the model deployment's public method through its app handle
+Decode the v2 request (codec.py beside this) -> call the model deployment's public method through its app handle
 (`Translator.infer_texts`, `Classifier.infer_images`: the same limits, admission gate, deadline, engine or batch
 and metrics as /v1) -> encode the requested outputs, as JSON or binary tensor data. Errors leave in the
 protocol's form, `{"error": "<message>"}`, with a 4xx status for anything the client sent (400 for a malformed
@@ -26,11 +26,11 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from ray import serve
 
-from service import v2_codec as codec
 from service.config import AppArgs
 from service.errors import InvalidRequest, LimitExceeded, NotReady, ServiceError, describe
-from service.http import TIMEOUT_HEADER
-from service.v2_codec import BYTES, Output, V2Error
+from service.protocols.asgi import TIMEOUT_HEADER
+from service.protocols.v2 import codec
+from service.protocols.v2.codec import BYTES, Output, V2Error
 
 SERVER = {"name": "attnserve", "version": "0.1.0", "extensions": ["binary_tensor_data", "classification"]}
 PROBE_TIMEOUT_S = 2.0

@@ -14,13 +14,12 @@ from ray import serve
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import pictures
+from service.deployments.replica import ModelReplica
 from service.errors import InvalidRequest, LimitExceeded
-from service.http import ERROR_RESPONSES, RouteSettings, make_api
-from service.preprocess import decode_base64, to_model_input
-from service.replica import ModelReplica
-from service.runtime import ClassifierRuntime, InputError
-from service.schemas import (
+from service.protocols.asgi import ERROR_RESPONSES, RouteSettings, make_api
+from service.protocols.v1 import pictures
+from service.protocols.v1.preprocess import decode_base64, to_model_input
+from service.protocols.v1.schemas import (
     CLASSIFIER_MAPS,
     MAX_HEADS,
     MAX_LAYERS,
@@ -32,6 +31,7 @@ from service.schemas import (
     LayerIndex,
     Prediction,
 )
+from service.runtime import ClassifierRuntime, InputError
 
 ROUTE = "/v1/classify"
 OFFLOAD_BYTES = 64_000  # images bigger than this are decoded in a thread, not on the event loop
@@ -106,7 +106,7 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 RESPONSES = {**ERROR_RESPONSES, 400: {**ERROR_RESPONSES[422], "description": (
     "an image is not base64, not a PNG or JPEG, or cannot be decoded (`bad_image`), or has more pixels than "
     "the limit (`image_too_large`)")}, 200: {"description": "The predictions; with `Accept: image/png` and one "
-    "image, the image with its attention map (`attention`) overlaid (service/pictures.py).",
+    "image, the image with its attention map (`attention`) overlaid (service/protocols/v1/pictures.py).",
     "content": pictures.PNG_CONTENT}}
 GRAPHS = {None: "fast", "rollout": "attention", "cls": "cls"}  # attention method -> graph tag of the metrics
 
@@ -307,7 +307,7 @@ class Classifier(ModelReplica):
                            timeout_s: float | None = None, attention: str = "rollout",
                            attention_layers: list[int] | None = None,
                            attention_heads: list[int] | None = None) -> dict[str, Any]:
-        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in service/v2.py).
+        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in protocols/v2/routes.py).
 
         `images` uint8 (n, 28, 28) and/or PNG/JPEG files (decoded like /v1/classify, appended after `images`).
         Same limits, checks, admission gate, deadline (`timeout_s` can only shorten it) and batching as POST

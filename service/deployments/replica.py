@@ -8,8 +8,8 @@ from typing import Any
 from ray import serve
 
 from service.config import AppArgs, BatchSettings
-from service.http import Gate
 from service.metrics import metrics
+from service.protocols.asgi import Gate
 from service.runtime import find_artifact
 
 

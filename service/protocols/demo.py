@@ -1,6 +1,6 @@
 """The web demo at "/" and the offline /docs assets, served by the `api` app (no CDN: everything is local files).
 
-The page (service/static/) calls the public API from the browser: POST /v1/translate (streamed as Server-Sent
+The page (service/protocols/static/) calls the public API from the browser: POST /v1/translate (streamed as Server-Sent
 Events), POST /v1/classify (JSON and `Accept: image/png`), GET /v1/models. Swagger UI's files come from the
 `fastapi-offline` wheel, which ships them; without it /docs is a plain page linking /openapi.json.
 """

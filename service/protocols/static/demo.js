@@ -2,7 +2,7 @@
 "use strict";
 
 const SAMPLES = ["ankle-boot", "trouser", "dress", "sandal", "bag", "tshirt"];
-// viridis at 9 stops, as service/pictures.py draws it
+// viridis at 9 stops, as service/protocols/v1/pictures.py draws it
 const VIRIDIS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
   [92, 200, 99], [170, 220, 50], [253, 231, 37]];
 const $ = (id) => document.getElementById(id);
@@ -26,7 +26,7 @@ function stretcher(rows) { // percentile stretch p2-p98 over the whole map
   return (v) => (hi > lo ? Math.min(Math.max((v - lo) / (hi - lo), 0), 1) : 0);
 }
 
-function readable(piece) { // as service/pictures.py: drop the word-start mark, mark word-internal pieces
+function readable(piece) { // as service/protocols/v1/pictures.py: drop the word-start mark, mark word-internal pieces
   if (piece.startsWith("\u2581")) return piece.slice(1) || "\u2423";
   if (/^\p{P}+$/u.test(piece)) return piece;
   return "\u00b7" + piece;
@@ -140,7 +140,7 @@ function attentionChoice() { // the translate request's attention fields
 function spanText(xs) { return xs.length > 2 && xs[xs.length - 1] - xs[0] === xs.length - 1 ?
   `${xs[0]}-${xs[xs.length - 1]}` : xs.join(","); }
 
-function layersText(what, layers, heads) { // as service/pictures.py layers_caption
+function layersText(what, layers, heads) { // as service/protocols/v1/pictures.py layers_caption
   const text = `${what} ${layers.length === 1 ? "layer" : "layers"} ${spanText(layers)}, ` +
     `${heads.length === 1 ? "head" : "heads"} ${spanText(heads)}`;
   return layers.length * heads.length > 1 ? `${text} mean` : text;

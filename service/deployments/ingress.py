@@ -11,24 +11,25 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from service import classify, demo, translate
 from service.config import AppArgs
+from service.deployments import classifier, translator
 from service.errors import NotReady
-from service.http import RouteSettings, make_api
-from service.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
-from service.v2 import configure as configure_v2
-from service.v2 import error_response as v2_error_response
-from service.v2 import install as install_v2
+from service.protocols import demo
+from service.protocols.asgi import RouteSettings, make_api
+from service.protocols.v1.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
+from service.protocols.v2.routes import configure as configure_v2
+from service.protocols.v2.routes import error_response as v2_error_response
+from service.protocols.v2.routes import install as install_v2
 
 # The Serve application names of the model apps, as in deploy/serve_config.yaml.
-MODEL_APPS = {"translator": translate, "classifier": classify}
+MODEL_APPS = {"translator": translator, "classifier": classifier}
 PROBE_TIMEOUT_S = 2.0
 route = RouteSettings("/", paths=frozenset({"/", "/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}),
                       media_types=())  # GET only: a POST is a 405 from the router
 api = make_api("attnserve", route)  # /docs and /openapi.json are explicit routes below
 api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
-install_v2(api)  # the Open Inference Protocol v2 routes under /v2: service/v2.py
-demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/demo.py
+install_v2(api)  # the Open Inference Protocol v2 routes under /v2: service/protocols/v2/routes.py
+demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/protocols/demo.py
 
 
 def merged_openapi() -> dict[str, Any]:

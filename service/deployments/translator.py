@@ -18,9 +18,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from service import pictures
 from service.config import EngineConfig
-from service.engine_loop import EngineLoop
+from service.deployments.engine_loop import EngineLoop
+from service.deployments.replica import ModelReplica
 from service.errors import (
     DeadlineExceeded,
     InvalidRequest,
@@ -30,13 +30,9 @@ from service.errors import (
     error_body,
     to_response,
 )
-from service.http import ERROR_RESPONSES, RouteSettings, make_api
-from service.replica import ModelReplica
-from service.runtime import InputError, TranslationResult, TranslatorRuntime
-from service.runtime.attention import alignment
-from service.runtime.engine import Sequence
-from service.runtime.translator import Choices
-from service.schemas import (
+from service.protocols.asgi import ERROR_RESPONSES, RouteSettings, make_api
+from service.protocols.v1 import pictures
+from service.protocols.v1.schemas import (
     EncoderAttention,
     TokenEvent,
     TranslateRequest,
@@ -44,6 +40,10 @@ from service.schemas import (
     Translation,
     TranslationAttention,
 )
+from service.runtime import InputError, TranslationResult, TranslatorRuntime
+from service.runtime.attention import alignment
+from service.runtime.engine import Sequence
+from service.runtime.translator import Choices
 
 ROUTE = "/v1/translate"
 route = RouteSettings(ROUTE)
@@ -54,7 +54,7 @@ SSE_EVENT = {"type": "object", "required": ["event", "data"], "properties": {
     "event": {"enum": ["token", "done", "error"]},
     "data": {"type": "string", "contentMediaType": "application/json"}}}
 STREAM_RESPONSES = {200: {"description": "The translations; with `stream: true`, Server-Sent Events instead; with "
-                          "`Accept: image/png` and one text, its alignment heatmap (service/pictures.py).",
+                          "`Accept: image/png` and one text, its alignment heatmap (service/protocols/v1/pictures.py).",
                           "content": {"text/event-stream": {"schema": SSE_EVENT}, **pictures.PNG_CONTENT}}}
 
 
@@ -235,7 +235,7 @@ class Translator(ModelReplica):
     async def infer_texts(self, texts: list[str], beam_size: int = 1, max_new_tokens: int = 128,
                           return_attention: bool = False, timeout_s: float | None = None,
                           **attention: Any) -> dict[str, Any]:
-        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in service/v2.py).
+        """The /v1 path without HTTP, for other apps through a handle (the v2 protocol in protocols/v2/routes.py).
 
         `attention`: the other attention fields of TranslateRequest (attention_layers, return_encoder_attention,
         ...). Same validation, limits, admission gate, deadline (`timeout_s` can only shorten it) and engine as

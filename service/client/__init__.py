@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from service.schemas import ClassifyResponse, ModelsResponse, TranslateResponse
+from service.protocols.v1.schemas import ClassifyResponse, ModelsResponse, TranslateResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_RETRY_AFTER_S = 30.0

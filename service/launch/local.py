@@ -14,7 +14,7 @@ Locked down by default:
   code; like every Ray gRPC server it refuses calls without the token. docs/ARCHITECTURE.md lists every
   socket. With another --host, HTTP and the dashboard listen there and Ray uses the machine's address.
 
-Front (--front, service/front.py): by default HAProxy takes --host:--port and refuses what the models cannot
+Front (--front, service/launch/front.py): by default HAProxy takes --host:--port and refuses what the models cannot
 admit with the service's JSON 503 before any Python runs; Serve then listens on a free loopback port behind it.
 `--front none` gives --host:--port to Serve itself.
 
@@ -45,7 +45,7 @@ import httpx
 import yaml
 
 from service.config import REPO_ROOT, AppArgs
-from service.front import Front, binary
+from service.launch.front import Front, binary
 from service.runtime import ArtifactError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"

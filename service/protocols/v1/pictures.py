@@ -22,8 +22,8 @@ from fastapi.responses import Response
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from service.errors import InvalidRequest
-from service.preprocess import FORMATS
-from service.schemas import ClassifyResponse, TranslateResponse
+from service.protocols.v1.preprocess import FORMATS
+from service.protocols.v1.schemas import ClassifyResponse, TranslateResponse
 
 FONT_FILES = (Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
               Path("/usr/share/fonts/dejavu/DejaVuSans.ttf"))
@@ -182,7 +182,7 @@ def _display_image(raw: bytes) -> Image.Image:
         img = Image.fromarray(np.clip(a / (257 if img.mode != "F" else 1), 0, 255).astype(np.uint8), "L")
     img = img.convert("RGB")
     w, h = img.size
-    if w != h:  # same padding as service/preprocess.py: the median border (here per channel)
+    if w != h:  # same padding as service/protocols/v1/preprocess.py: the median border (here per channel)
         a = np.asarray(img)
         border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
         side = max(w, h)
