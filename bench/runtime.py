@@ -1,7 +1,10 @@
-"""`attnserve bench runtime`: ONNX Runtime vs PyTorch eager vs CTranslate2 on the same weights, one table.
+"""`attnserve bench runtime`: the serving decoder (the continuous-batching engine) vs CTranslate2, same weights.
 
 Each backend runs in its own subprocess, one after the other, with the same thread count. The weights are a
-snapshot of the checkpoint whose sha256 the ONNX artifacts' manifests name, so all three run the same model.
+snapshot of the checkpoint whose sha256 the ONNX artifacts' manifests name, so every backend runs the same
+model. The engine is timed as the translator replica runs it (`TranslatorRuntime.new_engine`, a batch
+submitted at once and iterated until idle); the older request-level host loop (`--backends ...,loop`) and
+PyTorch are optional labelled rows.
 """
 
 from __future__ import annotations
@@ -89,35 +92,50 @@ def table(rows: list[dict]) -> str:
     """One line per (model, precision, decoding, attention, batch); backends side by side.
 
     Throughput is per CPU-second of the backend's process (one compute thread each), which the other load
-    on a shared machine disturbs far less than wall time; the ORT wall-clock rate is shown for reference.
-    PyTorch runs fp32 only (its int8 path is a different quantiser); CTranslate2 has no ViT.
+    on a shared machine disturbs far less than wall time; wall-clock tokens/s are shown beside it. The ratio
+    columns divide by CTranslate2's tokens per CPU-second (wall: per second). bytes/step: host<->device bytes
+    the engine moved at its bindings per decoder step.
     """
     by = {(r["backend"], r["model"], r["precision"], r["decoding"], r["attention"], r["batch"]): r for r in rows}
     head = (
-        "| model | precision | decoding | attention | batch | ORT items/s | ORT tokens/s | PyTorch items/s"
-        " | CT2 items/s | CT2 tokens/s | ORT / CT2 | ORT wall items/s |"
+        "| precision | decoding | attention | batch | engine tokens/CPU-s | CT2 tokens/CPU-s | engine / CT2"
+        " | engine wall tokens/s | CT2 wall tokens/s | engine / CT2 wall | host loop / CT2 | bytes/step |"
     )
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        if r["backend"] != "onnxruntime":
+        if r["backend"] != "engine":
             continue
         key = (r["model"], r["precision"], r["decoding"], r["attention"], r["batch"])
-        pt = by.get(("pytorch", *key))
-        ct = by.get(("ctranslate2", *key))
+        ct, loop = by.get(("ctranslate2", *key)), by.get(("host loop", *key))
         cells = [
-            *map(str, key[:3]),
+            *map(str, key[1:3]),
             "yes" if r["attention"] else "no",
             str(r["batch"]),
-            f"{r['items_per_cpu_s']:.1f}",
             num(r["tokens_per_cpu_s"]),
-            f"{pt['items_per_cpu_s']:.1f}" if pt else "",
-            f"{ct['items_per_cpu_s']:.1f}" if ct else "",
             num(ct["tokens_per_cpu_s"]) if ct else "",
-            f"{r['items_per_cpu_s'] / ct['items_per_cpu_s']:.2f}" if ct else "",
-            f"{r['items_per_s']:.1f}",
+            ratio(r["tokens_per_cpu_s"], ct["tokens_per_cpu_s"]) if ct else "",
+            num(r["tokens_per_s"]),
+            num(ct["tokens_per_s"]) if ct else "",
+            ratio(r["tokens_per_s"], ct["tokens_per_s"]) if ct else "",
+            ratio(loop["tokens_per_cpu_s"], ct["tokens_per_cpu_s"]) if ct and loop else "",
+            num(r["bytes_per_step"]) if r.get("bytes_per_step") is not None else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def vit_table(rows: list[dict]) -> str:
+    lines = ["| precision | attention | batch | ORT images/CPU-s | ORT wall images/s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["model"] == "vit" and r["backend"] == "onnxruntime":
+            att = "yes" if r["attention"] else "no"
+            rates = f"{r['items_per_cpu_s']:.1f} | {r['items_per_s']:.1f}"
+            lines.append(f"| {r['precision']} | {att} | {r['batch']} | {rates} |")
+    return "\n".join(lines)
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a and b else ""
 
 
 def num(x: float | None) -> str:
@@ -135,6 +153,16 @@ def write_notes(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def check_device(device: str) -> None:
+    """``--device cuda`` where ONNX Runtime has no CUDA provider: stop now, saying why."""
+    if device == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(f"--device cuda: ONNX Runtime here has only {ort.get_available_providers()};"
+                             " install onnxruntime-gpu (and never onnxruntime beside it)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench runtime", description=__doc__)
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
@@ -143,15 +171,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")
     p.add_argument("--sentences", type=int, default=256, help="test sentences in the translation workload")
     p.add_argument("--precision", default="fp32,int8", help="comma-separated precisions (CPU: fp32, int8)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="the engine's ONNX Runtime provider and CTranslate2's device (cuda: fails when absent)")
+    p.add_argument("--state", choices=("auto", "host", "device"), default="auto",
+                   help="the engine's decode state: host numpy or device OrtValues (auto: the device's default)")
+    p.add_argument("--backends", default="engine,ctranslate2",
+                   help="comma-separated: engine, ctranslate2, loop (the older host loop), pytorch, vit")
+    p.add_argument("--batches", default="1,8,32", help="translation batch sizes")
+    p.add_argument("--no-export", action="store_true", help="skip the (no-op when up to date) export check")
     p.add_argument("--notes", type=Path, default=REPO / "docs" / "BENCHMARKS.md", help="where to record the table")
     p.add_argument("--no-notes", action="store_true", help="print only")
     args = p.parse_args(argv)
+    check_device(args.device)
+    backends = [b for b in args.backends.split(",") if b]
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        # Export first (a no-op when up to date) so the ONNX graphs and the snapshot hold the same weights.
-        subprocess.run(
-            [sys.executable, "-m", "service.cli", "export", "--out", str(args.artifacts)], cwd=REPO, check=True
-        )
+        if not args.no_export:  # a no-op when up to date: the ONNX graphs and the snapshot hold the same weights
+            subprocess.run(
+                [sys.executable, "-m", "service.cli", "export", "--out", str(args.artifacts)], cwd=REPO, check=True
+            )
         vit_dir = find_artifact(args.artifacts, "vit-fashion")
         tr_dir = find_artifact(args.artifacts, "translator-en-es")
         vit_ck, tr_ck = snapshot(vit_dir, tmp / "vit"), snapshot(tr_dir, tmp / "translator")
@@ -168,39 +206,40 @@ def main(argv: list[str] | None = None) -> None:
             "workload": str(images),
             "texts": str(texts),
             "threads": args.threads,
+            "device": args.device,
+            "state": None if args.state == "auto" else args.state,
             "min_seconds": 0.3 if args.quick else args.seconds,
             "vit_batches": [1, 8, 32, 128],
-            "translator_batches": [1, 8, 32],
+            "translator_batches": [int(x) for x in args.batches.split(",") if x],
             "sample": 64,
             "precisions": [x for x in args.precision.split(",") if x],
         }
         (tmp / "spec.json").write_text(json.dumps(spec))
         rows = []
-        for backend in ("onnxruntime", "pytorch", "ctranslate2"):
+        for backend in backends:
             rows += run_worker(backend, tmp / "spec.json", args.threads)
     samples = [r.pop("sample_tokens") for r in rows if "sample_tokens" in r]
     rows = [r for r in rows if "model" in r]
     same = sum(a == b for a, b in zip(samples[0], samples[1], strict=True)) if len(samples) == 2 else None
     command = "attnserve bench runtime " + " ".join(argv if argv is not None else sys.argv[1:])
-    versions = f"vit-fashion/{vit_dir.name}, translator-en-es/{tr_dir.name}"
+    versions = f"translator-en-es/{tr_dir.name}" + (f", vit-fashion/{vit_dir.name}" if "vit" in backends else "")
     text = "\n".join(
         [
             "## Runtime (`attnserve bench runtime`)",
             "",
-            f"Command: `{command.strip()}`; {args.threads} intra-op thread(s) per backend,"
+            f"Command: `{command.strip()}`; device {args.device}, {args.threads} intra-op thread(s) per backend,"
             " each backend in its own process.",
             f"Machine: {machine()}. Artifacts: {versions}. Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
             f"Workload: {args.sentences} test sentences (length-mixed batches, greedy/beam up to 128"
-            " tokens), Fashion-MNIST test images. items/s = images or sentences per second;"
-            " tokens/s counts generated target tokens (no EOS).",
-            f"CTranslate2 greedy tokens equal ONNX Runtime's on {same}/{len(samples[0]) if samples else 0}"
+            " tokens); tokens counts generated target tokens (no EOS). The engine row is the serving path: one"
+            " engine per configuration, each batch submitted at once and iterated until idle.",
+            f"CTranslate2 greedy tokens equal the engine's on {same}/{len(samples[0]) if samples else 0}"
             " sample sentences.",
-            "Rates are per CPU-second of each backend's process (1 compute thread): on this shared, loaded CPU"
-            " wall-clock rates swing several-fold between neighbouring rows, so only ratios are meaningful.",
-            "PyTorch greedy without attention is the model's own cached loop (the batch runs until its longest"
-            " sentence ends); its other rows use the runtime's numpy search on torch steps (finished rows leave).",
+            "Rates per CPU-second are of each backend's process (1 compute thread): on a shared, loaded CPU"
+            " wall-clock rates swing between neighbouring rows, so compare ratios.",
             "",
             table(rows),
+            *(["", "ViT (ONNX Runtime):", "", vit_table(rows)] if "vit" in backends else []),
         ]
     )
     print(text)

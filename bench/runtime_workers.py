@@ -43,33 +43,55 @@ def timed(run: Callable[[int], int], n_items: int, batch: int, min_seconds: floa
     }
 
 
-def ort_rows(spec: dict) -> list[dict]:
-    from service.runtime import ClassifierRuntime, TranslatorRuntime
+def engine_rows(spec: dict) -> list[dict]:
+    """The serving path: one `Engine` per (precision, decoding, attention), fed each batch at once and iterated
+    until idle, as the translator replica's engine thread does (its slot buffers reused across batches)."""
+    from service.runtime import TranslatorRuntime
+    from service.runtime.engine import EngineSettings
 
+    _, texts = load_workload(spec)
     rows = []
-    images, texts = load_workload(spec)
     for precision in spec["precisions"]:
-        vit = ClassifierRuntime(spec["vit"], precision=precision, device="cpu", intra_op_threads=spec["threads"])
-        pixels = vit.normalize(images)
-        for attention in (False, True):
-            for b in spec["vit_batches"]:
+        tr = TranslatorRuntime(spec["translator"], precision=precision, device=spec["device"],
+                               intra_op_threads=spec["threads"])
+        for beam in (1, 4):
+            for attention in (False, True):
+                for b in spec["translator_batches"]:
+                    settings = EngineSettings(max_slots=max(64, b * beam), max_step_tokens=1 << 16,
+                                              max_encoder_batch=b)
+                    state = {"state": spec["state"]} if spec.get("state") else {}
+                    engine = tr.new_engine(settings, **state)
+                    steps = [0]
 
-                def run(s, b=b, attention=attention, vit=vit, pixels=pixels):
-                    vit.classify(pixels[s : s + b], return_attention=attention)
-                    return 0
+                    def run(s, b=b, beam=beam, attention=attention, engine=engine, steps=steps, tr=tr):
+                        seqs = [tr.sequence(t, beam_size=beam, return_attention=attention)[0]
+                                for t in texts[s : s + b]]
+                        for seq in seqs:
+                            engine.submit(seq)
+                        while not engine.idle:
+                            steps[0] += bool(engine.iterate().rows)
+                        return sum(len(seq.tokens) for seq in seqs)
 
-                rows.append(
-                    row(
-                        "vit",
-                        "onnxruntime",
-                        precision,
-                        "-",
-                        attention,
-                        b,
-                        timed(run, len(pixels), b, spec["min_seconds"]),
-                    )
-                )
-        tr = TranslatorRuntime(spec["translator"], precision=precision, device="cpu", intra_op_threads=spec["threads"])
+                    m = timed(run, len(texts), b, spec["min_seconds"])
+                    moved = getattr(engine.b, "transfer_bytes", None)
+                    if moved is not None and steps[0]:
+                        m["bytes_per_step"] = moved / steps[0]  # host<->device at the binding, warm-up included
+                    rows.append(row("translator", "engine", precision, decoding(beam), attention, b, m))
+        if precision == "fp32":
+            eng = tr.translate_engine(texts[: spec["sample"]])
+            rows.append({"sample_tokens": [r.target_tokens for r in eng]})
+    return rows
+
+
+def loop_rows(spec: dict) -> list[dict]:
+    """The older request-level host loop (`reference.translate`), kept as a labelled row: it no longer serves."""
+    from service.runtime import TranslatorRuntime
+
+    _, texts = load_workload(spec)
+    rows = []
+    for precision in spec["precisions"]:
+        tr = TranslatorRuntime(spec["translator"], precision=precision, device=spec["device"],
+                               intra_op_threads=spec["threads"])
         for beam in (1, 4):
             for attention in (False, True):
                 for b in spec["translator_batches"]:
@@ -78,19 +100,29 @@ def ort_rows(spec: dict) -> list[dict]:
                         res = tr.translate(texts[s : s + b], beam_size=beam, return_attention=attention)
                         return sum(len(r.target_tokens) for r in res)
 
-                    rows.append(
-                        row(
-                            "translator",
-                            "onnxruntime",
-                            precision,
-                            decoding(beam),
-                            attention,
-                            b,
-                            timed(run, len(texts), b, spec["min_seconds"]),
-                        )
-                    )
-    rt = TranslatorRuntime(spec["translator"], device="cpu")
-    rows.append({"sample_tokens": [r.target_tokens for r in rt.translate(texts[: spec["sample"]])]})
+                    m = timed(run, len(texts), b, spec["min_seconds"])
+                    rows.append(row("translator", "host loop", precision, decoding(beam), attention, b, m))
+    return rows
+
+
+def vit_rows(spec: dict) -> list[dict]:
+    from service.runtime import ClassifierRuntime
+
+    images, _ = load_workload(spec)
+    rows = []
+    for precision in spec["precisions"]:
+        vit = ClassifierRuntime(spec["vit"], precision=precision, device=spec["device"],
+                                intra_op_threads=spec["threads"])
+        pixels = vit.normalize(images)
+        for attention in (False, True):
+            for b in spec["vit_batches"]:
+
+                def run(s, b=b, attention=attention, vit=vit, pixels=pixels):
+                    vit.classify(pixels[s : s + b], return_attention=attention)
+                    return 0
+
+                m = timed(run, len(pixels), b, spec["min_seconds"])
+                rows.append(row("vit", "onnxruntime", precision, "-", attention, b, m))
     return rows
 
 
@@ -104,6 +136,9 @@ def torch_rows(spec: dict) -> list[dict]:
     from models.translator import BOS, EOS, PAD, greedy_decode
     from service.runtime.decoding import beam_search
 
+    if spec["device"] != "cpu":
+        print("pytorch rows run on CPU only", file=sys.stderr)
+        return []
     torch.set_num_threads(spec["threads"])
     torch.set_num_interop_threads(1)
     images, texts = load_workload(spec)
@@ -178,11 +213,15 @@ def ct2_rows(spec: dict) -> list[dict]:
     tok = Tokenizer.from_file(str(Path(spec["translator_checkpoint"]) / "tokenizer.json"))
     sources = source_tokens(tok, texts)
     rows = []
+    device = spec["device"]
+    if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+        print("ctranslate2: no CUDA device visible to its wheel; no CTranslate2 rows", file=sys.stderr)
+        return []
     for precision in spec["precisions"]:
         tr = ctranslate2.Translator(
             spec["ct2_model"],
-            device="cpu",
-            compute_type="float32" if precision == "fp32" else precision,
+            device=device,
+            compute_type={"fp32": "float32", "fp16": "float16"}.get(precision, precision),
             intra_threads=spec["threads"],
             inter_threads=1,
         )
@@ -239,7 +278,8 @@ def load_workload(spec: dict) -> tuple[np.ndarray, list[str]]:
     return images, json.loads(Path(spec["texts"]).read_text())
 
 
-WORKERS = {"onnxruntime": ort_rows, "pytorch": torch_rows, "ctranslate2": ct2_rows}
+WORKERS = {"engine": engine_rows, "ctranslate2": ct2_rows, "loop": loop_rows, "vit": vit_rows,
+           "pytorch": torch_rows}
 
 if __name__ == "__main__":
     backend, spec_path = sys.argv[1], sys.argv[2]

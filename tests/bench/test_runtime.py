@@ -15,12 +15,16 @@ def test_write_notes_replaces_only_the_runtime_section(tmp_path):
     assert text.count(BEGIN) == text.count(END) == 1
 
 
-def test_table_puts_backends_side_by_side():
+def test_table_puts_the_engine_beside_ctranslate2():
     common = {"model": "translator", "precision": "fp32", "decoding": "greedy", "attention": False, "batch": 8}
     rows = [
-        {**common, "backend": "onnxruntime", "items_per_s": 40.0, "items_per_cpu_s": 50.0, "tokens_per_cpu_s": 500.0},
-        {**common, "backend": "pytorch", "items_per_s": 20.0, "items_per_cpu_s": 20.0, "tokens_per_cpu_s": 200.0},
-        {**common, "backend": "ctranslate2", "items_per_s": 90.0, "items_per_cpu_s": 100.0, "tokens_per_cpu_s": 1000.0},
+        {**common, "backend": "engine", "items_per_s": 40.0, "items_per_cpu_s": 50.0, "tokens_per_s": 400.0,
+         "tokens_per_cpu_s": 500.0, "bytes_per_step": 2048.0},
+        {**common, "backend": "host loop", "items_per_s": 20.0, "items_per_cpu_s": 20.0, "tokens_per_s": 200.0,
+         "tokens_per_cpu_s": 250.0},
+        {**common, "backend": "ctranslate2", "items_per_s": 90.0, "items_per_cpu_s": 100.0, "tokens_per_s": 800.0,
+         "tokens_per_cpu_s": 1000.0},
     ]
     lines = table(rows).splitlines()
-    assert len(lines) == 3 and lines[2].endswith("| 50.0 | 500 | 20.0 | 100.0 | 1000 | 0.50 | 40.0 |")
+    assert len(lines) == 3
+    assert lines[2] == "| fp32 | greedy | no | 8 | 500 | 1000 | 0.50 | 400 | 800 | 0.50 | 0.25 | 2048 |"
