@@ -190,15 +190,19 @@ class Engine:
             return
         rows = self.live + sum(s.beam_size for s in batch)
         self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
-        cross, _ = self.encode([s.src_ids for s in batch], False)  # (L, 2, n, nh, S, hs)
+        cross = self.step_graph.encode([s.src_ids for s in batch])  # (L, 2, n, nh, S, hs), where the state is
         self._encoder_maps([s for s in batch if s.encoder_align is not None])
-        for i, seq in enumerate(batch):
-            k = seq.beam_size
-            seq.rows = list(range(self.live, self.live + k))
-            self.live += k
+        start = self.live
+        for seq in batch:
+            seq.rows = list(range(self.live, self.live + seq.beam_size))
+            self.live += seq.beam_size
             for r in seq.rows:
                 self.owner[r] = seq
-                self.b.write_source(r, cross[:, :, i], len(seq.src_ids))
+        which = np.repeat(np.arange(len(batch)), [s.beam_size for s in batch])
+        lengths = np.repeat([len(s.src_ids) for s in batch], [s.beam_size for s in batch])
+        self.b.write_sources(cross, which, np.arange(start, self.live), lengths)
+        for seq in batch:
+            k = seq.beam_size
             rows = np.array(seq.rows)
             self.b.tokens[rows], self.b.positions[rows] = self.bos, 0
             self.b.align_weights[rows] = 0.0 if seq.align is None else seq.align
@@ -227,7 +231,7 @@ class Engine:
         n = self.live
         self.b.fit(n, n, self._positions_needed(), max(len(s.src_ids) for s in self.running))
         t0 = time.monotonic()
-        out = self.step_graph.run(n)
+        out = self.step_graph.run(n, alignment=any(s.align is not None for s in self.running))
         stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
         now = time.monotonic()
         for seq in list(self.running):

@@ -11,11 +11,17 @@ from tokenizers import Tokenizer
 from service.runtime import attention
 from service.runtime.base import ArtifactRuntime
 from service.runtime.decoding import Hypothesis, Step, beam_search, greedy
+from service.runtime.device_slots import DeviceSlots
 from service.runtime.engine import Engine, EngineSettings, Sequence
 from service.runtime.errors import InputError
-from service.runtime.slots import SlotBuffers, SlotStep
+from service.runtime.slots import SlotBuffers, SlotStep, input_dtypes
 
 MAX_BEAM = 8
+CPU_STATE = "host"  # on the CPU provider: the faster decode state there (bench runtime --state)
+
+
+def device_id(session) -> int:
+    return int(session.get_provider_options().get("CUDAExecutionProvider", {}).get("device_id", 0))
 
 
 @dataclass
@@ -97,14 +103,27 @@ class TranslatorRuntime(ArtifactRuntime):
         (cross,) = self.sessions["encoder"].run(["cross_kv"], {"src_ids": ids})
         return cross, None
 
-    def new_engine(self, settings: EngineSettings | None = None, *, rows: int | None = None) -> Engine:
-        """A continuous-batching engine with its own slot buffers (one per replica)."""
+    def new_engine(self, settings: EngineSettings | None = None, *, rows: int | None = None,
+                   state: str | None = None) -> Engine:
+        """A continuous-batching engine with its own slot buffers (one per replica). ``state``: "device" keeps
+        the caches as OrtValues on the sessions' device (`DeviceSlots`), "host" as numpy (`SlotBuffers`);
+        None: device on CUDA, and on CPU the faster of the two there (``CPU_STATE``)."""
         settings = settings or EngineSettings()
-        buffers = SlotBuffers(rows=rows or settings.max_slots, layers=self.layers, heads=self.heads,
-                              head_dim=self.head_dim, max_positions=self.max_positions,
-                              max_source=self.max_source_tokens, topk=self.topk)
-        step = SlotStep(self.sessions["decoder_step"], buffers)
-        return Engine(buffers, step, self.encode_ids, bos=self.bos, eos=self.eos, vocab=self.vocab, settings=settings)
+        state = state or ("device" if self.device == "cuda" else CPU_STATE)
+        if state not in ("host", "device"):
+            raise ValueError(f"state must be 'host' or 'device', got {state!r}")
+        step = self.sessions["decoder_step"]
+        types = input_dtypes(step)  # the graph's cache type: fp16 graphs get fp16 caches
+        kw = dict(rows=rows or settings.max_slots, layers=self.layers, heads=self.heads, head_dim=self.head_dim,
+                  max_positions=self.max_positions, max_source=self.max_source_tokens, topk=self.topk,
+                  dtype=types["cache_k0"], align_dtype=types["align_weights"])
+        if state == "device":
+            buffers = DeviceSlots(step=step, device=self.device, device_id=device_id(step), **kw)
+        else:
+            buffers = SlotBuffers(**kw)
+        slot_step = SlotStep(step, buffers, self.sessions["encoder"], self.pad)
+        return Engine(buffers, slot_step, self.encode_ids, bos=self.bos, eos=self.eos, vocab=self.vocab,
+                      settings=settings)
 
     def choices(self, *, return_attention: bool = False, attention_layers: list[int] | None = None,
                 attention_heads: list[int] | None = None, return_encoder_attention: bool = False,
@@ -135,10 +154,10 @@ class TranslatorRuntime(ArtifactRuntime):
                             seq.encoder_attention)
 
     def translate_engine(
-        self, texts: list[str], settings: EngineSettings | None = None, **kw
+        self, texts: list[str], settings: EngineSettings | None = None, *, state: str | None = None, **kw
     ) -> list[TranslationResult]:
         """Translate through a private engine, all texts submitted at once (tests, eval, parity)."""
-        engine = self.new_engine(settings)
+        engine = self.new_engine(settings, state=state)
         made = [self.sequence(t, **kw) for t in texts]
         for seq, *_ in made:
             engine.submit(seq)

@@ -25,9 +25,16 @@ def rt(service_artifacts) -> TranslatorRuntime:
     return TranslatorRuntime(find_artifact(service_artifacts, "translator-en-es"), device="cpu")
 
 
-def run_all(rt: TranslatorRuntime, specs, settings: EngineSettings, *, stagger: int = 0):
+@pytest.fixture(params=["host", "device"])
+def state(request) -> str:
+    """Both homes of the decode state: numpy on the host, and OrtValues on the sessions' device updated by the
+    small slot graphs (here the CPU provider's device, the same code CUDA runs)."""
+    return request.param
+
+
+def run_all(rt: TranslatorRuntime, specs, settings: EngineSettings, *, stagger: int = 0, state: str = "host"):
     """Submit every spec (``stagger`` iterations apart), run to the end; returns the sequences in order."""
-    engine = rt.new_engine(settings)
+    engine = rt.new_engine(settings, state=state)
     made = [rt.sequence(TEXTS[t], beam_size=b, max_new_tokens=m, return_attention=a) for t, b, m, a in specs]
     pending = [seq for seq, *_ in made]
     while pending or not engine.idle:
@@ -41,9 +48,10 @@ def run_all(rt: TranslatorRuntime, specs, settings: EngineSettings, *, stagger: 
     return made
 
 
-def test_mixed_concurrent_equals_each_alone(rt):
+def test_mixed_concurrent_equals_each_alone(rt, state):
     # 8 slots for 12 texts needing 26 rows: admission waits for slots, rows are compacted as texts finish.
-    together = run_all(rt, MIXED, EngineSettings(max_slots=8, max_encoder_batch=3), stagger=1)
+    # Each alone runs on the host state: the device state must give the same tokens as the host's.
+    together = run_all(rt, MIXED, EngineSettings(max_slots=8, max_encoder_batch=3), stagger=1, state=state)
     for spec, (seq, *_) in zip(MIXED, together, strict=True):
         (alone, *_), = run_all(rt, [spec], EngineSettings())
         assert seq.tokens == alone.tokens, spec
@@ -54,11 +62,11 @@ def test_mixed_concurrent_equals_each_alone(rt):
 
 
 @pytest.mark.parametrize("beam,attn", [(1, False), (1, True), (4, False), (4, True)])
-def test_engine_equals_the_request_level_runtime(rt, beam, attn):
+def test_engine_equals_the_request_level_runtime(rt, beam, attn, state):
     """The engine gives what the previous host-side decoding gave: same tokens, same alignment."""
     texts = [t for t in TEXTS if t.strip()]
     old = rt.translate(texts, beam_size=beam, return_attention=attn)
-    new = rt.translate_engine(texts, beam_size=beam, return_attention=attn)
+    new = rt.translate_engine(texts, beam_size=beam, return_attention=attn, state=state)
     assert [r.target_tokens for r in new] == [r.target_tokens for r in old]
     assert [r.text for r in new] == [r.text for r in old]
     for a, b in zip(new, old, strict=True):
@@ -93,8 +101,8 @@ def test_short_request_arriving_mid_decode_finishes_first(rt):
 
 
 @pytest.mark.parametrize("how", ["disconnect", "deadline"])
-def test_dropped_sequence_frees_its_slots_at_the_next_step(rt, how):
-    engine = rt.new_engine(EngineSettings(max_slots=16))
+def test_dropped_sequence_frees_its_slots_at_the_next_step(rt, how, state):
+    engine = rt.new_engine(EngineSettings(max_slots=16), state=state)
     victim, *_ = rt.sequence(LONG, beam_size=4, max_new_tokens=128)
     other, *_ = rt.sequence(TEXTS[0], max_new_tokens=128)
     engine.submit(victim)
@@ -141,13 +149,15 @@ def test_settings_change_live(rt):
     assert all(s.done and s.dropped is None for s in seqs)
 
 
-def test_buffers_grow_for_long_rows_and_shrink_after(rt):
-    engine = rt.new_engine(EngineSettings(max_slots=8))
+def test_buffers_grow_for_long_rows_and_shrink_after(rt, state):
+    engine = rt.new_engine(EngineSettings(max_slots=8), state=state)
     long_seq, *_ = rt.sequence(LONG_DECODE, max_new_tokens=100)  # greedy runs on to the cap
     engine.submit(long_seq)
     while not engine.idle:
         engine.iterate()
     assert len(long_seq.tokens) == 100
+    (alone,) = rt.translate([LONG_DECODE], max_new_tokens=100)
+    assert rt.tokenizer.decode(long_seq.tokens) == alone.text  # through every resize, as the host loop decodes
     grown = engine.b.cache_len
     assert grown >= 100  # capacity followed the row's position
     short = [rt.sequence("Hi.", max_new_tokens=3)[0] for _ in range(2)]
@@ -173,10 +183,10 @@ def test_int8_batch_mates_change_little(service_artifacts):
     assert same >= 0.9 * len(texts)
 
 
-def test_encoder_attention_in_a_mixed_admission_batch(rt):
+def test_encoder_attention_in_a_mixed_admission_batch(rt, state):
     """One encoder batch where only some texts ask for the encoder's map: each gets its own S x S block (padding
     excluded), equal to its map alone, and nobody's tokens change."""
-    engine = rt.new_engine(EngineSettings(max_encoder_batch=8))
+    engine = rt.new_engine(EngineSettings(max_encoder_batch=8), state=state)
     asks = [False, True, False, True, True]
     made = [rt.sequence(TEXTS[i], beam_size=1 + (i % 2) * 2, return_encoder_attention=a,
                         encoder_attention_layers=[0, -1] if i == 3 else None) for i, a in enumerate(asks)]
@@ -198,3 +208,21 @@ def test_encoder_attention_in_a_mixed_admission_batch(rt):
         assert r.encoder_attention.shape == (n, n) and r.encoder_layers == ([0, 2] if i == 3 else [2])
         np.testing.assert_allclose(r.encoder_attention, alone.encoder_attention, atol=1e-5)
         np.testing.assert_allclose(r.encoder_attention.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_device_state_moves_only_tokens_and_results_per_step(rt):
+    """Per step the device state binds only token ids and positions in, top-k out (and alignment rows when a
+    row asked): a few KB at 32 rows, where the host state binds every cache and cross key/value."""
+    texts = [TEXTS[i % len(TEXTS)] or "Hello." for i in range(32)]
+    per_step = {}
+    for state in ("host", "device"):
+        engine = rt.new_engine(EngineSettings(max_slots=32), state=state)
+        for t in texts:
+            engine.submit(rt.sequence(t, max_new_tokens=8)[0])
+        engine.iterate()  # admission: the encoder's output and the source masks go in once
+        before, steps = engine.b.transfer_bytes, 0
+        while not engine.idle:
+            steps += bool(engine.iterate().rows)
+        per_step[state] = (engine.b.transfer_bytes - before) / steps
+    print(f"BYTES-PER-STEP {per_step}")
+    assert per_step["device"] < 64 * 1024 < per_step["host"]
