@@ -9,7 +9,7 @@ which keeps late steps cheap when lengths differ.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -94,6 +94,72 @@ def greedy(
     return hyps
 
 
+@dataclass
+class Beams:
+    """One sentence's beam search, whatever computes its steps: ``decoding.beam_search`` (a batch of sentences
+    on a host-side step) and the serving engine (its slots) both advance it with ``advance``."""
+
+    seqs: np.ndarray  # (k, t) token ids of the live hypotheses
+    scores: np.ndarray  # (k,) their log-probability sums
+    hist: np.ndarray | None  # (k, t, S) the attention row that produced each token; None: not asked
+    finished: list[tuple[float, list[int], np.ndarray | None]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, k: int, width: int | None) -> Beams:
+        scores = np.full(k, -np.inf)
+        scores[0] = 0.0  # all beams start as the same BOS: expand one
+        hist = None if width is None else np.zeros((k, 0, width), np.float32)
+        return cls(np.zeros((k, 0), np.int64), scores, hist)
+
+    def best(self) -> Hypothesis:
+        score, toks, a = max(self.finished, key=lambda f: f[0])  # max keeps the first of equal scores
+        return Hypothesis(toks, float(score), None if a is None else a[: len(toks)])
+
+    def _row(self, beam: int, attn: np.ndarray | None) -> np.ndarray | None:
+        return None if self.hist is None else np.concatenate([self.hist[beam], attn[beam : beam + 1]])
+
+
+def advance(bm: Beams, cand: np.ndarray, flat: np.ndarray, attn: np.ndarray | None, *, vocab: int, eos: int,
+            step: int, last: bool, length_penalty: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """One step of one sentence: candidates ``cand`` (scores + log-probs) of ``flat`` (beam * vocab + token),
+    this step's attention rows ``attn`` (k, S) or None. Returns (source beam, new token) per live hypothesis,
+    for the caller to reorder its cache by, or None when the sentence is done (``bm.best()``).
+
+    A hypothesis ending in EOS is finished with score logp_sum / steps ** length_penalty (steps counts the
+    EOS). Only EOS candidates ranked within the top k finish a hypothesis; a sentence stops once it has k
+    finished ones (or at the last step, when its live beams count as finished). Beams that were not refilled
+    keep -inf scores and never expand.
+    """
+    k = len(bm.scores)
+    order = np.lexsort((flat, -cand))  # best first; ties: lowest (beam, token), as argmax
+    src_beam, new_tok, new_score = np.zeros(k, np.int64), np.full(k, eos, np.int64), np.full(k, -np.inf)
+    filled = 0
+    for rank, j in enumerate(order):
+        c = cand[j]
+        if not np.isfinite(c):
+            break
+        beam, tok = divmod(int(flat[j]), vocab)
+        if tok == eos:
+            if rank < k:
+                bm.finished.append((c / (step + 1) ** length_penalty, bm.seqs[beam].tolist(), bm._row(beam, attn)))
+            continue
+        src_beam[filled], new_tok[filled], new_score[filled] = beam, tok, c
+        filled += 1
+        if filled == k:
+            break
+    if last:  # out of steps: live beams count as finished
+        for j in range(filled):
+            toks = [*bm.seqs[src_beam[j]].tolist(), int(new_tok[j])]
+            bm.finished.append((new_score[j] / (step + 1) ** length_penalty, toks, bm._row(src_beam[j], attn)))
+    if last or filled == 0 or len(bm.finished) >= k:
+        return None
+    bm.seqs = np.concatenate([bm.seqs[src_beam], new_tok[:, None]], axis=1)
+    if bm.hist is not None:
+        bm.hist = np.concatenate([bm.hist[src_beam], attn[src_beam][:, None]], axis=1)
+    bm.scores = new_score
+    return src_beam, new_tok
+
+
 def beam_search(
     step: Step,
     cross: np.ndarray,
@@ -105,79 +171,39 @@ def beam_search(
     beam_size: int,
     length_penalty: float = 1.0,
 ) -> list[Hypothesis]:
-    """Beam search of a batch: ``beam_size`` live hypotheses per sentence, the key/value cache reordered by beam.
-
-    A hypothesis ending in EOS is finished with score logp_sum / steps ** length_penalty (steps counts the
-    EOS). Only EOS candidates ranked within the top ``beam_size`` finish a hypothesis; a sentence stops once
-    it has ``beam_size`` finished ones (or at ``max_new_tokens``, when its live beams count as finished).
-    With ``beam_size=1`` this is greedy decoding.
-    """
+    """Beam search of a batch (``advance`` per sentence): ``beam_size`` live hypotheses per sentence, the
+    key/value cache reordered by beam; finished sentences leave the batch. With ``beam_size=1`` this is greedy
+    decoding."""
     k = beam_size
-    n, src_len = cross.shape[2], src_mask.shape[1]
+    n = cross.shape[2]
     cross, src_mask = np.repeat(cross, k, axis=2), np.repeat(src_mask, k, axis=0)  # row b*k + j = beam j of b
     past = empty_past(cross)
-    active = np.arange(n)  # sentence of each live group of k rows
-    scores = np.full((n, k), -np.inf)
-    scores[:, 0] = 0.0  # first step: expand beam 0 only (all beams are the same BOS)
-    seqs = np.zeros((n, k, 0), dtype=np.int64)
-    hist = np.zeros((n, k, 0, src_len), dtype=np.float32)
-    with_attn = False
+    active = list(range(n))  # the sentence of each live group of k rows
+    beams: list[Beams] = []
+    results: list[Hypothesis | None] = [None] * n
     tokens = np.full((n * k, 1), bos, dtype=np.int64)
-    finished: list[list[tuple[float, list[int], np.ndarray | None]]] = [[] for _ in range(n)]
     for t in range(max_new_tokens):
         logits, past, attn = step(tokens, cross, src_mask, past)
-        with_attn = attn is not None
-        nb, vocab = len(active), logits.shape[-1]
+        if not beams:
+            beams = [Beams.start(k, None if attn is None else src_mask.shape[1]) for _ in range(n)]
+        scores = np.stack([beams[i].scores for i in active])
         cand, flat = candidates(logits, scores, 2 * k)  # (nb, k * 2k): enough to hold the best 2k
-        order = np.lexsort((flat, -cand), axis=-1)  # best first; ties: lowest index, as argmax
-        src_beam = np.zeros((nb, k), dtype=np.int64)
-        new_tok = np.full((nb, k), eos, dtype=np.int64)
-        new_score = np.full((nb, k), -np.inf)
-        last = t == max_new_tokens - 1
-        keep = np.ones(nb, dtype=bool)
-        for b in range(nb):
-            filled = 0
-            for rank, j in enumerate(order[b]):
-                c = cand[b, j]
-                beam, tok = divmod(int(flat[b, j]), vocab)
-                if not np.isfinite(c):
-                    break
-                if tok == eos:
-                    if rank < k:
-                        row = b * k + beam
-                        a = np.concatenate([hist[b, beam], attn[row : row + 1]]) if with_attn else None
-                        finished[active[b]].append((c / (t + 1) ** length_penalty, seqs[b, beam].tolist(), a))
-                    continue
-                src_beam[b, filled], new_tok[b, filled], new_score[b, filled] = beam, tok, c
-                filled += 1
-                if filled == k:
-                    break
-            if last:  # out of steps: live beams count as finished
-                for j in range(filled):
-                    beam = src_beam[b, j]
-                    row = b * k + beam
-                    a = np.concatenate([hist[b, beam], attn[row : row + 1]]) if with_attn else None
-                    toks = [*seqs[b, beam].tolist(), int(new_tok[b, j])]
-                    finished[active[b]].append((new_score[b, j] / (t + 1) ** length_penalty, toks, a))
-            if len(finished[active[b]]) >= k or filled == 0:
-                keep[b] = False
-        if last or not keep.any():
+        keep, rows, toks = [], [], []
+        for b, i in enumerate(active):
+            moved = advance(beams[i], cand[b], flat[b], None if attn is None else attn[b * k : (b + 1) * k],
+                            vocab=logits.shape[-1], eos=eos, step=t, last=t == max_new_tokens - 1,
+                            length_penalty=length_penalty)
+            if moved is None:
+                results[i] = beams[i].best()
+                continue
+            keep.append(b)
+            rows.append(b * k + moved[0])
+            toks.append(moved[1])
+        if not keep:
             break
-        rows = (np.arange(nb)[:, None] * k + src_beam).reshape(-1)  # reorder caches by beam
-        seqs = np.concatenate([seqs[np.arange(nb)[:, None], src_beam], new_tok[:, :, None]], axis=2)
-        if with_attn:
-            step_rows = attn[rows].reshape(nb, k, 1, -1)
-            hist = np.concatenate([hist[np.arange(nb)[:, None], src_beam], step_rows], axis=2)
-        past, scores = past[:, :, rows], new_score
-        if not keep.all():
-            flat_keep = np.repeat(keep, k)
-            active, seqs, scores, past = active[keep], seqs[keep], scores[keep], past[:, :, flat_keep]
-            hist = hist[keep] if with_attn else hist
-            cross, src_mask = cross[:, :, flat_keep], src_mask[flat_keep]
-            new_tok = new_tok[keep]
-        tokens = new_tok.reshape(-1, 1)
-    hyps = []
-    for fin in finished:
-        score, toks, a = max(fin, key=lambda f: f[0])  # max keeps the first of equal scores
-        hyps.append(Hypothesis(toks, float(score), None if a is None else a[: len(toks)]))
-    return hyps
+        past = past[:, :, np.concatenate(rows)]  # reorder caches by beam, finished sentences dropped
+        groups = (np.array(keep)[:, None] * k + np.arange(k)).reshape(-1)
+        cross, src_mask = cross[:, :, groups], src_mask[groups]
+        active = [active[b] for b in keep]
+        tokens = np.concatenate(toks).reshape(-1, 1)
+    return results

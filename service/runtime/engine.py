@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.runtime import attention
+from service.runtime.decoding import Beams, advance
 from service.runtime.slots import SlotBuffers, SlotStep
 
 # source ids (EOS included), encoder attention wanted -> cross_kv (L, 2, n, nh, S, hs), (L_enc, n, nh, S, S) | None
@@ -63,19 +64,11 @@ class Sequence:
     encoder_attention: np.ndarray | None = None  # (S, S) encoder self-attention (EOS included), when asked
     dropped: str | None = None  # "disconnect" | "deadline" | "shutdown"
     _greedy_rows: list[np.ndarray] = field(default_factory=list)
-    _beam: _Beams | None = None
+    _beam: Beams | None = None
 
     @property
     def done(self) -> bool:
         return self.finished_at is not None
-
-
-@dataclass
-class _Beams:
-    seqs: np.ndarray  # (k, t) token ids
-    scores: np.ndarray  # (k,)
-    hist: np.ndarray  # (k, t, S) alignment rows (S = 0 when none were asked)
-    finished: list[tuple[float, list[int], np.ndarray]] = field(default_factory=list)
 
 
 @dataclass
@@ -207,10 +200,7 @@ class Engine:
             self.b.tokens[rows], self.b.positions[rows] = self.bos, 0
             self.b.align_weights[rows] = 0.0 if seq.align is None else seq.align
             if k > 1:
-                scores = np.full(k, -np.inf)
-                scores[0] = 0.0  # all beams start as the same BOS: expand one
-                width = len(seq.src_ids) if seq.align is not None else 0
-                seq._beam = _Beams(np.zeros((k, 0), np.int64), scores, np.zeros((k, 0, width), np.float32))
+                seq._beam = Beams.start(k, len(seq.src_ids) if seq.align is not None else None)
             self.running.append(seq)
 
     def _encoder_maps(self, asking: list[Sequence]) -> None:
@@ -263,56 +253,25 @@ class Engine:
         return False
 
     def _advance_beam(self, seq: Sequence, out) -> bool:
+        """`decoding.advance` (the one beam search) on this sequence's rows; the cache reorder is the slots'."""
         bm, k, t = seq._beam, seq.beam_size, seq.steps
         rows = np.array(seq.rows)
         width = 2 * k
         cand = (bm.scores[:, None] + out.logprobs[rows, :width].astype(np.float64)).reshape(-1)
         flat = (np.arange(k)[:, None] * self.vocab + out.ids[rows, :width]).reshape(-1)
-        order = np.lexsort((flat, -cand))  # best first; ties: lowest (beam, token), as the host search
         attn = out.alignment[rows, : len(seq.src_ids)] if seq.align is not None else None
-        last = t == seq.max_new_tokens - 1
-        src_beam, new_tok, new_score = np.zeros(k, np.int64), np.full(k, self.eos), np.full(k, -np.inf)
-        filled = 0
         if seq.first_token is None:
             seq.first_token = time.monotonic()
-        for rank, j in enumerate(order):
-            c = cand[j]
-            if not np.isfinite(c):
-                break
-            beam, tok = divmod(int(flat[j]), self.vocab)
-            if tok == self.eos:
-                if rank < k:
-                    a = self._hist_row(bm, beam, attn)
-                    bm.finished.append((c / (t + 1) ** seq.length_penalty, bm.seqs[beam].tolist(), a))
-                continue
-            src_beam[filled], new_tok[filled], new_score[filled] = beam, tok, c
-            filled += 1
-            if filled == k:
-                break
-        if last:  # out of steps: live beams count as finished
-            for j in range(filled):
-                a = self._hist_row(bm, src_beam[j], attn)
-                toks = [*bm.seqs[src_beam[j]].tolist(), int(new_tok[j])]
-                bm.finished.append((new_score[j] / (t + 1) ** seq.length_penalty, toks, a))
-        if last or filled == 0 or len(bm.finished) >= k:
-            score, toks, a = max(bm.finished, key=lambda f: f[0])  # max keeps the first of equal scores
-            seq.tokens, seq.score = toks, float(score)
-            seq.attention = a[: len(toks)] if seq.align is not None else None
+        moved = advance(bm, cand, flat, attn, vocab=self.vocab, eos=self.eos, step=t,
+                        last=t == seq.max_new_tokens - 1, length_penalty=seq.length_penalty)
+        if moved is None:
+            best = bm.best()
+            seq.tokens, seq.score, seq.attention = best.tokens, best.score, best.attention
             return True
-        # Beams that were not refilled (filled < k) keep -inf scores and never expand.
+        src_beam, new_tok = moved
         self.b.copy_cache(rows, rows[src_beam], t + 1)
-        bm.seqs = np.concatenate([bm.seqs[src_beam], new_tok[:, None]], axis=1)
-        if attn is not None:
-            bm.hist = np.concatenate([bm.hist[src_beam], attn[src_beam][:, None]], axis=1)
-        bm.scores = new_score
         self.b.tokens[rows], self.b.positions[rows] = new_tok, t + 1
         return False
-
-    @staticmethod
-    def _hist_row(bm: _Beams, beam: int, attn: np.ndarray | None) -> np.ndarray:
-        if attn is None:
-            return bm.hist[beam]
-        return np.concatenate([bm.hist[beam], attn[beam : beam + 1]])
 
     def _finish(self, seq: Sequence, dropped: str | None = None) -> None:
         seq.dropped = dropped
