@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import attention
+from service.runtime import attention, reference
 from service.runtime.base import ArtifactRuntime
 from service.runtime.errors import InputError
 
@@ -28,12 +28,14 @@ class ClassifierRuntime(ArtifactRuntime):
     layers and heads) out, all computed in the graph: what the service runs. ``classify``: normalised pixels in,
     every layer's attention maps out (tools, raw maps)."""
 
-    GRAPHS = ("vit", "vit_attn", "classify", "classify_rollout", "classify_cls")
+    GRAPHS = ("classify", "classify_rollout", "classify_cls")  # what serving runs, loaded at start
+    REFERENCE_GRAPHS = ("vit", "vit_attn")  # `classify`'s (tools, eval, bench): loaded on first use
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
     ) -> None:
         super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
+        self.sessions = reference.LazySessions(self, self.REFERENCE_GRAPHS, intra_op_threads)
         self.labels: list[str] = list(self.manifest.labels or [])
         pre = self.manifest.preprocessing or {}
         self.scale = float(pre.get("scale", 1 / 255))

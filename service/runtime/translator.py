@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.runtime import attention
+from service.runtime import attention, reference
 from service.runtime.base import ArtifactRuntime
-from service.runtime.decoding import Hypothesis, Step, beam_search, greedy
+from service.runtime.decoding import Hypothesis, Step
 from service.runtime.device_slots import DeviceSlots
 from service.runtime.engine import Engine, EngineSettings, Sequence
 from service.runtime.errors import InputError
@@ -51,12 +51,14 @@ class Choices:
 class TranslatorRuntime(ArtifactRuntime):
     """Encoder and decoder-step sessions; the attention variants only run when attention is asked for."""
 
-    GRAPHS = ("encoder", "encoder_attn", "decoder", "decoder_attn", "decoder_step")
+    GRAPHS = ("encoder", "encoder_attn", "decoder_step")  # what serving runs, loaded at start
+    REFERENCE_GRAPHS = ("decoder", "decoder_attn")  # the request-level path's: loaded on first use
 
     def __init__(
         self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
     ) -> None:
         super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
+        self.sessions = reference.LazySessions(self, self.REFERENCE_GRAPHS, intra_op_threads)
         self.tokenizer = Tokenizer.from_file(str(self.artifact_dir / (self.manifest.tokenizer or "tokenizer.json")))
         special = self.manifest.special_tokens or {}
         self.pad, self.bos, self.eos = special.get("pad", 0), special.get("bos", 1), special.get("eos", 2)
@@ -172,59 +174,13 @@ class TranslatorRuntime(ArtifactRuntime):
             raise InputError(f"max_new_tokens must be between 1 and {self.max_positions - 1}, got {max_new_tokens}")
 
     def step_fn(self, *, return_attention: bool, weights: np.ndarray | None = None) -> Step:
-        """The decoder step for ``decoding``; with attention it yields each row's cross-attention weighted over
-        layers x heads by ``weights`` (L, nh) (a ``Choice``'s; default: the last layer's head mean)."""
-        if weights is None:
-            weights = attention.choose(None, None, self.layers, self.heads).weights
-        sess = self.sessions["decoder_attn" if return_attention else "decoder"]
-        names = ["logits", "present_kv", "cross_attentions"] if return_attention else ["logits", "present_kv"]
+        """The request-level decoder step (`reference.step_fn`): export's parity checks and eval use it."""
+        return reference.step_fn(self, return_attention=return_attention, weights=weights)
 
-        def step(tokens: np.ndarray, cross: np.ndarray, mask: np.ndarray, past: np.ndarray):
-            out = sess.run(names, {"tgt_ids": tokens, "cross_kv": cross, "src_mask": mask, "past_kv": past})
-            attn = np.einsum("lh,lnhs->ns", weights, out[2][:, :, :, -1]) if return_attention else None  # (n, S)
-            return out[0][:, -1], out[1], attn
-
-        return step
-
-    def translate(
-        self,
-        texts: list[str],
-        *,
-        beam_size: int = 1,
-        max_new_tokens: int = 128,
-        length_penalty: float = 1.0,
-        **attention_kw,
-    ) -> list[TranslationResult]:
-        """Translate a batch; each result equals translating that text alone (tokens exactly, floats to ~1e-6).
-
-        ``attention_kw`` as ``choices``. Alignment rows: one per target token, the cross-attention of the step
-        that produced it (mean over ``attention_heads`` of ``attention_layers``); the EOS step's row and the
-        source EOS column are dropped and rows renormalised over the real source tokens. The encoder map: the
-        encoder self-attention (mean over its chosen layers and heads), source EOS row and column dropped, rows
-        renormalised.
-        """
-        if not texts:
-            return []
-        self._check(beam_size, max_new_tokens)
-        c = self.choices(**attention_kw)
-        sources = [self._source(t) for t in texts]
-        cross, _ = self.encode_ids([s[0] for s in sources])
-        # The map from the attention graph; the decoder keeps the plain graph's keys/values (as the engine does).
-        enc = self.encode_ids([s[0] for s in sources], attention=True)[1] if c.return_encoder_attention else None
-        mask = np.zeros((len(texts), cross.shape[4]), bool)
-        for i, (row, _) in enumerate(sources):
-            mask[i, : len(row)] = True
-        step = self.step_fn(return_attention=c.return_attention, weights=c.align.weights)
-        kw = {"bos": self.bos, "eos": self.eos, "max_new_tokens": max_new_tokens}
-        if beam_size == 1:
-            hyps = greedy(step, cross, mask, **kw)
-        else:
-            hyps = beam_search(step, cross, mask, beam_size=beam_size, length_penalty=length_penalty, **kw)
-        out = []
-        for i, (h, (ids, pieces)) in enumerate(zip(hyps, sources, strict=True)):
-            e = None if enc is None else attention.weighted(enc[:, i, :, : len(ids), : len(ids)], c.encoder.weights)
-            out.append(self._result(h, pieces, c, e))
-        return out
+    def translate(self, texts: list[str], **kw) -> list[TranslationResult]:
+        """The older request-level host loop (`reference.translate`): parity, eval and bench; serving runs the
+        engine. Each result equals translating that text alone."""
+        return reference.translate(self, texts, **kw)
 
     def _result(self, h: Hypothesis, source_tokens: list[str], c: Choices,
                 encoder: np.ndarray | None = None) -> TranslationResult:

@@ -107,3 +107,14 @@ def test_cls_choice_errors_name_the_field_and_range(rt):
         assert e.value.field == field and allowed in str(e.value), str(e.value)
     with pytest.raises(InputError):
         rt.predict(images(1), rollout=True, cls_weights=rt.cls_choice().weights)
+
+
+def test_serving_loads_only_the_graphs_it_runs(tiny_artifacts):
+    """`predict` runs the classify graphs; `vit`/`vit_attn` (raw maps for tools) load on first use."""
+    fresh = ClassifierRuntime(tiny_artifacts["vit"], device="cpu")
+    fresh.predict(images(2))
+    fresh.predict(images(2), rollout=True)
+    fresh.predict(images(2), cls_weights=fresh.cls_choice().weights)
+    assert set(fresh.sessions) == {"classify", "classify_rollout", "classify_cls"}
+    fresh.classify(fresh.normalize(images(2)), return_attention=True)
+    assert "vit_attn" in fresh.sessions and "vit" not in fresh.sessions

@@ -104,3 +104,13 @@ def test_int8_runs_and_counts_tokens(tiny_artifacts, rt):
     int8 = TranslatorRuntime(tiny_artifacts["translator"], precision="int8", device="cpu")
     assert len(int8.translate(TEXTS, max_new_tokens=4)) == len(TEXTS)
     assert rt.count_source_tokens("The cat sleeps.") == len(rt.tokenizer.encode("The cat sleeps.").ids) + 1
+
+
+def test_serving_loads_only_the_graphs_it_runs(tiny_artifacts):
+    """The engine needs the encoders and the step graph; the request-level decoder graphs load on first use."""
+    fresh = TranslatorRuntime(tiny_artifacts["translator"], device="cpu")
+    fresh.translate_engine(TEXTS, max_new_tokens=4, return_attention=True, return_encoder_attention=True)
+    fresh.translate_engine(TEXTS, beam_size=2, max_new_tokens=4)
+    assert set(fresh.sessions) == {"encoder", "encoder_attn", "decoder_step"}
+    fresh.translate(TEXTS[:1], max_new_tokens=2)
+    assert "decoder" in fresh.sessions and "decoder_attn" not in fresh.sessions
