@@ -33,7 +33,8 @@ class EngineSettings:
     max_slots: int = 64  # live rows per step (a beam-k sequence takes k)
     max_step_tokens: int = 2048  # per iteration: one per live row plus the source tokens of admitted ones
     admit_wait_s: float = 0.0  # hold new sequences back up to this long to encode them in one batch
-    max_encoder_batch: int = 32  # sequences encoded together at admission
+    max_encoder_batch: int = 32  # sequences admitted together
+    encoder_padding: float = 0.25  # admitted sources are encoded in length groups padded at most this much
 
 
 @dataclass
@@ -79,6 +80,23 @@ class IterationStats:
     admitted: list[Sequence] = field(default_factory=list)
     finished: list[Sequence] = field(default_factory=list)
     dropped: list[Sequence] = field(default_factory=list)
+
+
+def length_groups(lengths: list[int], padding: float) -> list[list[int]]:
+    """Indices of ``lengths`` in groups of similar length, each padded to its longest by at most ``padding`` of
+    its real tokens: the encoder's cost follows its padded batch, and one long source would otherwise pad every
+    short one admitted with it (a row's result does not depend on its batch-mates)."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if groups and n * (len(groups[-1]) + 1) <= (1 + padding) * (real + n):
+            groups[-1].append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = n
+    return groups
 
 
 class Engine:
@@ -183,17 +201,19 @@ class Engine:
             return
         rows = self.live + sum(s.beam_size for s in batch)
         self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
-        cross = self.step_graph.encode([s.src_ids for s in batch])  # (L, 2, n, nh, S, hs), where the state is
         self._encoder_maps([s for s in batch if s.encoder_align is not None])
-        start = self.live
         for seq in batch:
             seq.rows = list(range(self.live, self.live + seq.beam_size))
             self.live += seq.beam_size
             for r in seq.rows:
                 self.owner[r] = seq
-        which = np.repeat(np.arange(len(batch)), [s.beam_size for s in batch])
-        lengths = np.repeat([len(s.src_ids) for s in batch], [s.beam_size for s in batch])
-        self.b.write_sources(cross, which, np.arange(start, self.live), lengths)
+        for group in length_groups([len(s.src_ids) for s in batch], self.settings.encoder_padding):
+            seqs = [batch[i] for i in group]
+            cross = self.step_graph.encode([s.src_ids for s in seqs])  # (L, 2, n, nh, S, hs), where the state is
+            beams = [s.beam_size for s in seqs]
+            self.b.write_sources(cross, np.repeat(np.arange(len(seqs)), beams),
+                                 np.array([r for s in seqs for r in s.rows]),
+                                 np.repeat([len(s.src_ids) for s in seqs], beams))
         for seq in batch:
             k = seq.beam_size
             rows = np.array(seq.rows)

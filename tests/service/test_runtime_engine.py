@@ -226,3 +226,16 @@ def test_device_state_moves_only_tokens_and_results_per_step(rt):
         per_step[state] = (engine.b.transfer_bytes - before) / steps
     print(f"BYTES-PER-STEP {per_step}")
     assert per_step["device"] < 64 * 1024 < per_step["host"]
+
+
+def test_length_groups_bound_the_encoder_padding():
+    from service.runtime.engine import length_groups
+
+    lengths = [30, 5, 6, 29, 7, 12, 31, 5]
+    groups = length_groups(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        real = sum(lengths[i] for i in g)
+        assert max(lengths[i] for i in g) * len(g) <= 1.25 * real
+    assert len(groups) < len(lengths)  # similar lengths still share an encoder call
+    assert length_groups([], 0.25) == []
