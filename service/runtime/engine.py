@@ -244,13 +244,17 @@ class Engine:
         out = self.step_graph.run(n, alignment=any(s.align is not None for s in self.running))
         stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
         now = time.monotonic()
+        reorder: list[tuple[np.ndarray, np.ndarray]] = []  # every beam sequence's (rows, source rows)
         for seq in list(self.running):
-            done = self._advance_greedy(seq, out, now) if seq._beam is None else self._advance_beam(seq, out)
+            done = self._advance_greedy(seq, out, now) if seq._beam is None else self._advance_beam(seq, out, reorder)
             seq.steps += 1
             if done:
                 self._release(seq)
                 self._finish(seq)
                 stats.finished.append(seq)
+        if reorder:  # one cache reorder for the whole step (rows of different sequences never overlap)
+            dst, src = (np.concatenate(a) for a in zip(*reorder, strict=True))
+            self.b.copy_cache(dst, src, self._positions_needed())
         self._compact()
 
     def _advance_greedy(self, seq: Sequence, out, now: float) -> bool:
@@ -272,7 +276,7 @@ class Engine:
         self.b.tokens[r], self.b.positions[r] = tok, self.b.positions[r] + 1
         return False
 
-    def _advance_beam(self, seq: Sequence, out) -> bool:
+    def _advance_beam(self, seq: Sequence, out, reorder: list[tuple[np.ndarray, np.ndarray]]) -> bool:
         """`decoding.advance` (the one beam search) on this sequence's rows; the cache reorder is the slots'."""
         bm, k, t = seq._beam, seq.beam_size, seq.steps
         rows = np.array(seq.rows)
@@ -289,7 +293,7 @@ class Engine:
             seq.tokens, seq.score, seq.attention = best.tokens, best.score, best.attention
             return True
         src_beam, new_tok = moved
-        self.b.copy_cache(rows, rows[src_beam], t + 1)
+        reorder.append((rows, rows[src_beam]))
         self.b.tokens[rows], self.b.positions[rows] = new_tok, t + 1
         return False
 

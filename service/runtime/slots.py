@@ -70,6 +70,7 @@ class SlotBuffers:
         """(Re)allocate every buffer for ``rows`` rows and the given capacities, keeping rows [0, keep)."""
         old = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
         self.rows, self.cache_len, self.src_len = rows, cache_len, src_len
+        self.generation = getattr(self, "generation", 0) + 1  # bindings by address are stale after this
         self.tokens = np.zeros(rows, np.int64)
         self.positions = np.zeros(rows, np.int64)
         self.align_weights = np.zeros((rows, self.layers, self.heads), self.align_dtype)
@@ -168,6 +169,9 @@ class SlotBuffers:
                         ("alignment", self.out_alignment), ("new_kv", self.out_kv)):
             self.bind_host(io.bind_output, name, a[:n])
 
+    def before_step(self, n: int) -> None:
+        """State the host changed since the last step, to the device (nothing here: host memory is bound)."""
+
     def after_step(self, n: int) -> None:
         self.write_step(n)
 
@@ -186,6 +190,8 @@ class SlotStep:
                  pad: int) -> None:
         self.session, self.b, self.encoder, self.pad = session, buffers, encoder, pad
         self.binding = session.io_binding()
+        self._bound: tuple | None = None
+        self._step_bytes = 0
 
     def encode(self, sources: list[list[int]]):
         ids = np.full((len(sources), max(len(s) for s in sources)), self.pad, dtype=np.int64)
@@ -199,11 +205,20 @@ class SlotStep:
         return cross
 
     def run(self, n: int, alignment: bool = True) -> StepOutput:
+        """Bindings are by address, so they stay valid while the rows, the alignment choice and the buffers
+        (``generation``) do: rebinding ~30 names every step cost ~0.5 ms of Python at 32 rows."""
         b, io = self.b, self.binding
-        io.clear_binding_inputs()
-        io.clear_binding_outputs()
-        b.bind_inputs(io, n)
-        b.bind_outputs(io, n, alignment)
+        b.before_step(n)
+        key = (n, alignment, b.generation)
+        if key != self._bound:
+            io.clear_binding_inputs()
+            io.clear_binding_outputs()
+            before = b.transfer_bytes
+            b.bind_inputs(io, n)
+            b.bind_outputs(io, n, alignment)
+            self._bound, self._step_bytes = key, b.transfer_bytes - before
+        else:
+            b.transfer_bytes += self._step_bytes  # the same host memory crosses again
         self.session.run_with_iobinding(io)
         b.after_step(n)
         return StepOutput(b.out_logprobs[:n], b.out_ids[:n], b.out_alignment[:n] if alignment else None)
