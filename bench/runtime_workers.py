@@ -73,7 +73,7 @@ def engine_rows(spec: dict) -> list[dict]:
                         return sum(len(seq.tokens) for seq in seqs)
 
                     m = timed(run, len(texts), b, spec["min_seconds"])
-                    moved = getattr(engine.b, "transfer_bytes", None)
+                    moved = getattr(engine, "transfer_bytes", None)
                     if moved is not None and steps[0]:
                         m["bytes_per_step"] = moved / steps[0]  # host<->device at the binding, warm-up included
                     rows.append(row("translator", "engine", precision, decoding(beam), attention, b, m))

@@ -122,6 +122,11 @@ class Engine:
         return seq
 
     @property
+    def transfer_bytes(self) -> int:
+        """Host<->device bytes bound to this engine's graphs so far (slots.py: the counter at the binding)."""
+        return self.b.transfer_bytes
+
+    @property
     def idle(self) -> bool:
         return not self.running and not self.waiting
 

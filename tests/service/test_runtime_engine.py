@@ -220,10 +220,10 @@ def test_device_state_moves_only_tokens_and_results_per_step(rt):
         for t in texts:
             engine.submit(rt.sequence(t, max_new_tokens=8)[0])
         engine.iterate()  # admission: the encoder's output and the source masks go in once
-        before, steps = engine.b.transfer_bytes, 0
+        before, steps = engine.transfer_bytes, 0
         while not engine.idle:
             steps += bool(engine.iterate().rows)
-        per_step[state] = (engine.b.transfer_bytes - before) / steps
+        per_step[state] = (engine.transfer_bytes - before) / steps
     print(f"BYTES-PER-STEP {per_step}")
     assert per_step["device"] < 64 * 1024 < per_step["host"]
 
