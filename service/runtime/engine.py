@@ -122,6 +122,11 @@ class Engine:
         return seq
 
     @property
+    def reserved(self) -> int:
+        """Slots held by the running sequences: a beam-k sequence holds k, also before it has k rows."""
+        return sum(s.beam_size for s in self.running)
+
+    @property
     def transfer_bytes(self) -> int:
         """Host<->device bytes bound to this engine's graphs so far (slots.py: the counter at the binding)."""
         return self.b.transfer_bytes
@@ -180,8 +185,8 @@ class Engine:
             oldest = time.monotonic() - self.waiting[0].submitted
             if self.live and oldest < st.admit_wait_s and len(self.waiting) < st.max_encoder_batch:
                 return  # hold back a little to encode a fuller batch
-            budget = st.max_step_tokens - self.live
-            free = st.max_slots - self.live
+            budget = st.max_step_tokens - self.reserved
+            free = st.max_slots - self.reserved
             batch: list[Sequence] = []
             while self.waiting and len(batch) < st.max_encoder_batch:
                 seq = self.waiting[0]
@@ -204,21 +209,18 @@ class Engine:
         batch = [s for s in batch if s.src_ids]
         if not batch:
             return
-        rows = self.live + sum(s.beam_size for s in batch)
+        rows = self.reserved + sum(s.beam_size for s in batch)
         self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
         self._encoder_maps([s for s in batch if s.encoder_align is not None])
         for seq in batch:
-            seq.rows = list(range(self.live, self.live + seq.beam_size))
-            self.live += seq.beam_size
-            for r in seq.rows:
-                self.owner[r] = seq
+            seq.rows = [self.live]  # a beam sequence's k rows come after its first step (`_expand`)
+            self.owner[self.live] = seq
+            self.live += 1
         for group in length_groups([len(s.src_ids) for s in batch], self.settings.encoder_padding):
             seqs = [batch[i] for i in group]
             cross = self.step_graph.encode([s.src_ids for s in seqs])  # (L, 2, n, nh, S, hs), where the state is
-            beams = [s.beam_size for s in seqs]
-            self.b.write_sources(cross, np.repeat(np.arange(len(seqs)), beams),
-                                 np.array([r for s in seqs for r in s.rows]),
-                                 np.repeat([len(s.src_ids) for s in seqs], beams))
+            self.b.write_sources(cross, np.arange(len(seqs)), np.array([s.rows[0] for s in seqs]),
+                                 np.array([len(s.src_ids) for s in seqs]))
         for seq in batch:
             k = seq.beam_size
             rows = np.array(seq.rows)
@@ -250,8 +252,12 @@ class Engine:
         stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
         now = time.monotonic()
         reorder: list[tuple[np.ndarray, np.ndarray]] = []  # every beam sequence's (rows, source rows)
+        expand: list[tuple[Sequence, np.ndarray]] = []  # beam sequences after their first step, new tokens
         for seq in list(self.running):
-            done = self._advance_greedy(seq, out, now) if seq._beam is None else self._advance_beam(seq, out, reorder)
+            if seq._beam is None:
+                done = self._advance_greedy(seq, out, now)
+            else:
+                done = self._advance_beam(seq, out, reorder, expand)
             seq.steps += 1
             if done:
                 self._release(seq)
@@ -260,7 +266,28 @@ class Engine:
         if reorder:  # one cache reorder for the whole step (rows of different sequences never overlap)
             dst, src = (np.concatenate(a) for a in zip(*reorder, strict=True))
             self.b.copy_cache(dst, src, self._positions_needed())
+        if expand:
+            self._expand(expand)
         self._compact()
+
+    def _expand(self, expand: list[tuple[Sequence, np.ndarray]]) -> None:
+        """Each beam sequence's first step ran on one row (all k beams start as the same BOS: k rows would
+        compute it k times); its k beams, all children of that row, now get rows of their own (its copies)."""
+        extra = sum(seq.beam_size - 1 for seq, _ in expand)
+        self.b.fit(self.live, self.live + extra, self._positions_needed(), max(len(s.src_ids) for s in self.running))
+        dst, src = [], []
+        for seq, _ in expand:
+            new = list(range(self.live, self.live + seq.beam_size - 1))
+            self.live += len(new)
+            dst += new
+            src += [seq.rows[0]] * len(new)
+            seq.rows += new
+            for r in new:
+                self.owner[r] = seq
+        self.b.move(np.array(dst), np.array(src), self._positions_needed())
+        for seq, new_tok in expand:
+            rows = np.array(seq.rows)
+            self.b.tokens[rows], self.b.positions[rows] = new_tok, seq.steps
 
     def _advance_greedy(self, seq: Sequence, out, now: float) -> bool:
         r = seq.rows[0]
@@ -281,13 +308,15 @@ class Engine:
         self.b.tokens[r], self.b.positions[r] = tok, self.b.positions[r] + 1
         return False
 
-    def _advance_beam(self, seq: Sequence, out, reorder: list[tuple[np.ndarray, np.ndarray]]) -> bool:
-        """`decoding.advance` (the one beam search) on this sequence's rows; the cache reorder is the slots'."""
+    def _advance_beam(self, seq: Sequence, out, reorder: list[tuple[np.ndarray, np.ndarray]],
+                      expand: list[tuple[Sequence, np.ndarray]]) -> bool:
+        """`decoding.advance` (the one beam search) on this sequence's rows; the cache reorder is the slots'.
+        At the first step the sequence has one row (beam 0; the others' scores are -inf: no candidates)."""
         bm, k, t = seq._beam, seq.beam_size, seq.steps
         rows = np.array(seq.rows)
-        width = 2 * k
-        cand = (bm.scores[:, None] + out.logprobs[rows, :width].astype(np.float64)).reshape(-1)
-        flat = (np.arange(k)[:, None] * self.vocab + out.ids[rows, :width]).reshape(-1)
+        width, m = 2 * k, len(rows)
+        cand = (bm.scores[:m, None] + out.logprobs[rows, :width].astype(np.float64)).reshape(-1)
+        flat = (np.arange(m)[:, None] * self.vocab + out.ids[rows, :width]).reshape(-1)
         attn = out.alignment[rows, : len(seq.src_ids)] if seq.align is not None else None
         if seq.first_token is None:
             seq.first_token = time.monotonic()
@@ -298,6 +327,9 @@ class Engine:
             seq.tokens, seq.score, seq.attention = best.tokens, best.score, best.attention
             return True
         src_beam, new_tok = moved
+        if m < k:
+            expand.append((seq, new_tok))
+            return False
         reorder.append((rows, rows[src_beam]))
         self.b.tokens[rows], self.b.positions[rows] = new_tok, t + 1
         return False
