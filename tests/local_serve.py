@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,15 @@ import httpx
 import pytest
 import yaml
 
+from service.launch.ports import choose_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Outside the ephemeral range, as `attnserve serve` chooses its own (service/launch/ports.py): the service
+    binds it seconds later, and Ray's processes take ephemeral ports meanwhile."""
+    return choose_port()
 
 
 def shipped_config() -> dict:

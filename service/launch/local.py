@@ -14,15 +14,20 @@ Locked down by default:
   code; like every Ray gRPC server it refuses calls without the token. docs/ARCHITECTURE.md lists every
   socket. With another --host, HTTP and the dashboard listen there and Ray uses the machine's address.
 
-Front (--front, service/launch/front.py): by default HAProxy takes --host:--port and refuses what the models cannot
-admit with the service's JSON 503 before any Python runs; Serve then listens on a free loopback port behind it.
-`--front none` gives --host:--port to Serve itself.
+Admission front (--admission-front, service/launch/front.py): by default our own HAProxy takes --host:--port and
+refuses what the models cannot admit with the service's JSON 503 before any Python runs; Serve then listens on a
+loopback port behind it. `--admission-front none` gives --host:--port to Serve itself.
 
-Ingress (--ingress, docs/BENCHMARKS.md "Ingress"): `throughput` (the default) is Ray Serve's
-RAY_SERVE_THROUGHPUT_OPTIMIZED mode: each ingress replica also serves HTTP itself (direct ingress, ports
-30000-31000 on --host), proxy and replicas talk gRPC. `default` is Serve's plain proxy. `haproxy` puts HAProxy
-in front (opt-in: its stats and metrics ports listen on all interfaces, whatever --host says). RAY_SERVE_*
-variables you set yourself win.
+Serve's ingress (--serve-ingress, docs/BENCHMARKS.md "Ingress"), what Serve itself runs behind that front:
+`throughput` (the default) is Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED mode: each ingress replica also serves
+HTTP itself (direct ingress, ports 30000-31000 on --host), proxy and replicas talk gRPC. `serve-proxy` is Serve's
+plain proxy. `ray-haproxy` is Ray Serve's own HAProxy in place of its proxy (RAY_SERVE_ENABLE_HA_PROXY; opt-in:
+its stats and metrics ports listen on all interfaces, whatever --host says). RAY_SERVE_* variables you set
+yourself win. The old spellings (--front; --ingress default|haproxy) still work and print a deprecation note.
+
+Logs (--log-format, or `logging_config.encoding` in the Serve config): Serve's controller, proxies and replicas
+log to Ray's session folder (/tmp/ray/session_latest/logs/serve/); `json` writes one JSON object a line there,
+for a cluster's log collector.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import ipaddress
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,7 @@ import yaml
 
 from service.config import REPO_ROOT, AppArgs
 from service.launch.front import Front, binary
+from service.launch.ports import choose_port
 from service.runtime import ArtifactError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
@@ -53,10 +58,11 @@ DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 # Read by ray.serve._private.constants at import, in this process and every Serve actor (checked against Ray
 # 2.60). The KubeRay manifest sets the same for its pods (deploy/gen_kuberay.py: RAY_CONTAINER_ENV).
 INGRESS: dict[str, dict[str, str]] = {
-    "default": {},
+    "serve-proxy": {},
     "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "ray-haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1"},
 }
+OLD_INGRESS = {"default": "serve-proxy", "haproxy": "ray-haproxy"}  # deprecated spellings of --ingress
 
 
 def load_config(path: Path, *, host: str, port: int) -> dict[str, Any]:
@@ -98,13 +104,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def lock_down(host: str) -> Path | None:
+def lock_down(host: str, taken: set[int] | None = None) -> Path | None:
     """Set up the environment Ray starts with: token auth, and a loopback-only node for a loopback host.
 
     Returns the token file this start created (the caller deletes it at stop), or None when the user chose
@@ -117,8 +117,10 @@ def lock_down(host: str) -> Path | None:
         # when ray is imported (ray_constants.ENABLE_RAY_CLUSTER), by this process and every Ray child.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     for var in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):
-        # Fixed (44217, 44227) by default: a second Ray on this machine could not bind them.
-        os.environ.setdefault(var, str(free_port()))
+        # Fixed (44217, 44227) by default: a second Ray on this machine could not bind them. Chosen outside
+        # the ephemeral range: Ray binds them seconds later (service/launch/ports.py).
+        if var not in os.environ:
+            os.environ[var] = str(choose_port(taken=taken))
     if mode.lower() != "token":
         print(f"attnserve serve: WARNING: RAY_AUTH_MODE={mode}: anyone who can reach Ray's ports (open on all"
               " interfaces) can run code here", file=sys.stderr, flush=True)
@@ -142,9 +144,10 @@ def choose_ingress(ingress: str, host: str) -> None:
         # Replicas' direct-ingress HTTP servers bind http_options.host (--host); this covers any HTTPOptions
         # built without a host (Serve's default would be the machine's address).
         os.environ.setdefault("RAY_SERVE_DEFAULT_HTTP_HOST", host)
-    elif ingress == "haproxy":
-        print("attnserve serve: WARNING: --ingress haproxy: HAProxy's stats page (RAY_SERVE_HAPROXY_STATS_PORT,"
-              " 8404) and Prometheus exporter (RAY_SERVE_HAPROXY_METRICS_PORT, 9101) listen on all interfaces,"
+    elif ingress == "ray-haproxy":
+        print("attnserve serve: WARNING: --serve-ingress ray-haproxy: HAProxy's stats page"
+              " (RAY_SERVE_HAPROXY_STATS_PORT, 8404) and Prometheus exporter (RAY_SERVE_HAPROXY_METRICS_PORT, 9101)"
+              " listen on all interfaces,"
               " unauthenticated, whatever --host says: Ray 2.60 writes `bind *:` for both and has no setting to"
               " change it. Use it only behind a firewall.", file=sys.stderr, flush=True)
 
@@ -166,14 +169,16 @@ def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpu
     ray.init(address="local", include_dashboard=dashboard, dashboard_host="127.0.0.1" if is_loopback(host) else host,
              _metrics_export_port=metrics_port, num_cpus=num_cpus, namespace="serve", log_to_driver=False,
              configure_logging=False)
-    http = schema.http_options.model_dump()
+    # The config's logging_config also for the controller and proxies (not only the applications).
+    options = {"http_options": schema.http_options.model_dump(), "proxy_location": schema.proxy_location,
+               "global_logging_config": schema.logging_config}
     try:
-        client = serve_start(http_options=http, proxy_location=schema.proxy_location)
+        client = serve_start(**options)
     except (ray.exceptions.ActorDiedError, TimeoutError) as e:
         # The controller replaces a proxy that failed its ready check and keeps running; connect to it
         # again. wait_ready() then polls HTTP until the new proxy answers.
         print(f"attnserve serve: Serve's proxy restarted ({type(e).__name__}); waiting for it", flush=True)
-        client = serve_start(http_options=http, proxy_location=schema.proxy_location)
+        client = serve_start(**options)
     client.deploy_apps(schema, _blocking=False)
     return ray.get_runtime_context().gcs_address
 
@@ -275,30 +280,60 @@ def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | Non
     return "\n".join([f"attnserve ready in {took_s:.1f} s", *lines, "Ctrl-C to stop."])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attnserve serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Ray Serve config (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--metrics-port", type=int, default=8080, help="Ray's Prometheus metrics export port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the API listens on (default %(default)s: loopback, and Ray a loopback node)")
+    p.add_argument("--port", type=int, default=8000, help="the API's port (default %(default)s)")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="Ray's Prometheus metrics export port, the models' metrics (default %(default)s)")
     p.add_argument("--dashboard", action="store_true", help="also start the Ray dashboard")
     p.add_argument("--num-cpus", type=int, help="logical CPUs for Ray (default: the machine's)")
-    p.add_argument("--ingress", choices=sorted(INGRESS), default="throughput",
-                   help="Serve's ingress: throughput (default; direct ingress + gRPC, on --host), default (plain"
-                        " proxy), haproxy (opt-in: opens two unauthenticated ports on all interfaces)")
-    p.add_argument("--front", choices=["haproxy", "none"], default="haproxy",
-                   help="haproxy (default): HAProxy on --host:--port sheds load with JSON 503s before Python, Serve"
-                        " behind it on loopback; none: Serve's own proxy on --host:--port")
+    p.add_argument("--serve-ingress", "--ingress", dest="ingress", choices=[*INGRESS, *OLD_INGRESS],
+                   default="throughput", metavar="{" + ",".join(INGRESS) + "}",
+                   help="what Serve itself receives HTTP with: throughput (default; direct ingress + gRPC, on"
+                        " --host), serve-proxy (Serve's plain proxy), ray-haproxy (Ray Serve's own HAProxy; opt-in:"
+                        " opens two unauthenticated ports on all interfaces). --ingress is the old spelling")
+    p.add_argument("--admission-front", "--front", dest="front", choices=["haproxy", "none"], default="haproxy",
+                   help="haproxy (default): our HAProxy on --host:--port sheds load with JSON 503s before Python,"
+                        " Serve behind it on loopback; none: Serve on --host:--port. --front is the old spelling")
     p.add_argument("--front-metrics-port", type=int, default=8081,
-                   help="the front's Prometheus exporter (0: none; default %(default)s)")
+                   help="the admission front's Prometheus exporter (0: none; default %(default)s)")
+    p.add_argument("--log-format", choices=["text", "json"],
+                   help="Serve's log encoding (logging_config.encoding; default: the config's, TEXT as shipped);"
+                        " json: one JSON object a line, for a cluster's log collector")
     p.add_argument("--no-export", action="store_true", help="fail instead of exporting missing artifacts")
-    p.add_argument("--ready-timeout", type=float, default=180.0)
-    a = p.parse_args(argv)
+    p.add_argument("--ready-timeout", type=float, default=180.0,
+                   help="seconds to wait for every model to answer before giving up (default %(default)s)")
+    return p
 
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    a = parser().parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if any(x == "--front" or x.startswith("--front=") for x in given):
+        print("attnserve serve: note: --front is deprecated, use --admission-front", file=sys.stderr, flush=True)
+    if any(x == "--ingress" or x.startswith("--ingress=") for x in given):
+        print("attnserve serve: note: --ingress is deprecated, use --serve-ingress", file=sys.stderr, flush=True)
+    if a.ingress in OLD_INGRESS:
+        print(f"attnserve serve: note: --serve-ingress {a.ingress} is now {OLD_INGRESS[a.ingress]}",
+              file=sys.stderr, flush=True)
+        a.ingress = OLD_INGRESS[a.ingress]
+    return a
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
     front_exe = find_front(a.front)
-    serve_host, serve_port = (a.host, a.port) if front_exe is None else ("127.0.0.1", free_port())
+    # Ports this start chose itself, so it never chooses one twice; the user's own are never candidates
+    # (choose_port skips ports in use, and --port/--metrics-port are bound later).
+    taken = {a.port, a.metrics_port, a.front_metrics_port}
+    serve_host, serve_port = (a.host, a.port) if front_exe is None else ("127.0.0.1", choose_port(taken=taken))
     config = load_config(a.config, host=serve_host, port=serve_port)
+    if a.log_format:
+        config.setdefault("logging_config", {})["encoding"] = a.log_format.upper()
     args = shared_args(config)
     ensure_artifacts(args, export=not a.no_export)
 
@@ -311,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             raise KeyboardInterrupt
 
     t0, base = time.monotonic(), f"http://{a.host}:{a.port}"
-    token_file = lock_down(a.host)
+    token_file = lock_down(a.host, taken)
     choose_ingress(a.ingress, serve_host)
     front = None
     if front_exe is not None:

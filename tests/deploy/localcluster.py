@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from service.launch.ports import choose_port
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -41,9 +42,8 @@ def record(key: str, value: Any) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Outside the ephemeral range (service/launch/ports.py): Ray binds it later, and takes ephemeral ports."""
+    return choose_port()
 
 
 def wait_until(what: str, check: Any, timeout_s: float, every_s: float = 0.5) -> Any:
