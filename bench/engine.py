@@ -191,14 +191,16 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench engine", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifacts", default="artifacts", help="artifact root (attnserve export)")
-    p.add_argument("--rates", nargs="+", type=float, default=[16, 32, 48, 64, 72, 80, 96])
+    p.add_argument("--rates", nargs="+", type=float, default=[16, 32, 48, 64, 72, 80, 96],
+                   help="arrival rates (requests/s), one table row each")
     p.add_argument("--seconds", type=float, default=15.0, help="arrivals per point")
     p.add_argument("--drain", type=float, default=60.0, help="max wait for the last answers of a point")
     p.add_argument("--bound", type=float, default=2.0, help="p99 latency bound for goodput and sustained rate, s")
     p.add_argument("--slots", type=int, default=64, help="engine max_slots")
-    p.add_argument("--arms", nargs="+", default=["engine", "request-level"], choices=["engine", "request-level"])
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arms", nargs="+", default=["engine", "request-level"], choices=["engine", "request-level"],
+                   help="which batching to measure (default: both)")
+    p.add_argument("--precision", default="fp32", help="exported graph: fp32, int8 or fp16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and texts")
     a = p.parse_args(argv)
 
     rt = TranslatorRuntime(find_artifact(a.artifacts, "translator-en-es"), precision=a.precision, device="cpu")

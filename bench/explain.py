@@ -63,7 +63,7 @@ def api_maps(rt: ClassifierRuntime, images: np.ndarray) -> tuple[np.ndarray, dic
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench explain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--artifacts", default="artifacts")
+    p.add_argument("--artifacts", default="artifacts", help="artifact root (attnserve export)")
     p.add_argument("--images", type=int, default=500, help="test images, spread over the split")
     p.add_argument("--step", type=int, default=2, help="patches removed or added per curve point")
     p.add_argument("--seeds", type=int, default=3, help="random orders averaged per image")

@@ -165,7 +165,7 @@ def check_device(device: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench runtime", description=__doc__)
-    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts")
+    p.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="artifact root (attnserve export)")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads for every backend")
     p.add_argument("--quick", action="store_true", help="short timings (0.3 s per row): a smoke run")
     p.add_argument("--seconds", type=float, default=2.0, help="minimum timed seconds per row")

@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench soak", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running attnserve (loopback only)")
-    p.add_argument("--minutes", type=float, default=10.0)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the steady run")
+    p.add_argument("--clients", type=int, default=8, help="closed-loop clients of the capacity run")
     p.add_argument("--fraction", type=float, default=0.7, help="of the measured capacity")
     p.add_argument("--measure-s", type=float, default=15.0, help="capacity run length")
     p.add_argument("--pid", type=int, help="only replicas under this process (an `attnserve serve`)")

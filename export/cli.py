@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve export", description=__doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS), help="checkpoint names under models/checkpoints/")
     p.add_argument("--checkpoints", type=Path, default=CHECKPOINTS, help="folder holding the checkpoints")
-    p.add_argument("--out", type=Path, default=REPO / "artifacts")
+    p.add_argument("--out", type=Path, default=REPO / "artifacts", help="artifact root written (default %(default)s)")
     p.add_argument(
         "--precision",
         type=parse_precisions,

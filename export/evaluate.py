@@ -22,7 +22,8 @@ CHECKPOINTS = REPO / "models" / "checkpoints"
 def common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--artifacts", type=Path, default=REPO / "artifacts", help="artifact root (from attnserve export)")
     p.add_argument("--version", help="artifact version (default: the newest)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="which exported graph (default %(default)s)")
     p.add_argument(
         "--backend", default="auto", choices=["auto", "onnx", "torch"], help="auto: onnx when artifacts exist"
     )

@@ -108,10 +108,12 @@ Validation history:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="attnserve model-card")
-    p.add_argument("names", nargs="*", default=["translator-en-es", "vit-fashion"])
-    p.add_argument("--root", type=Path, default=CHECKPOINTS)
-    p.add_argument("--threads", type=int, default=0)
+    p = argparse.ArgumentParser(prog="attnserve model-card", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", default=["translator-en-es", "vit-fashion"], metavar="NAME",
+                   help="checkpoints under --root (default: both)")
+    p.add_argument("--root", type=Path, default=CHECKPOINTS, help="checkpoint folder (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

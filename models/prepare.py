@@ -15,8 +15,9 @@ from models.data import FASHION_VALID, fashion_mnist, spa_eng_splits
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="attnserve data")
-    p.add_argument("--out", type=Path, default=Path("data-cache"))
+    p = argparse.ArgumentParser(prog="attnserve data", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("data-cache"), help="folder written (default %(default)s)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, pairs in spa_eng_splits().items():

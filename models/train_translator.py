@@ -92,20 +92,22 @@ def bleu_chrf(model: Translator, tok: Tokenizer, pairs: list[tuple[str, str]]) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="attnserve train translator")
-    p.add_argument("--out", type=Path, default=CHECKPOINTS / "translator-en-es")
-    p.add_argument("--state", type=Path, default=Path("runs/translator-en-es/state.pt"))
+    p = argparse.ArgumentParser(prog="attnserve train translator", description=__doc__)
+    p.add_argument("--out", type=Path, default=CHECKPOINTS / "translator-en-es",
+                   help="checkpoint folder written (default %(default)s)")
+    p.add_argument("--state", type=Path, default=Path("runs/translator-en-es/state.pt"),
+                   help="optimizer state for --resume (default %(default)s)")
     p.add_argument("--max-minutes", type=float, default=60.0, help="training-time budget (evaluation excluded)")
     p.add_argument("--epochs", type=int, default=100, help="upper bound on epochs")
     p.add_argument("--eval-minutes", type=float, default=10.0, help="validate and checkpoint this often")
     p.add_argument("--max-tokens", type=int, default=3400, help="real tokens per batch")
-    p.add_argument("--lr", type=float, default=7e-4)
-    p.add_argument("--warmup", type=int, default=400)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=7e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=400, help="learning-rate warmup steps")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--resume", action="store_true", help="continue from --state (or the --out weights)")
     p.add_argument("--tiny", action="store_true", help="tiny model and data, for tests")
-    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--dim", type=int, default=256, help="model width")
     p.add_argument("--layers", type=int, default=3, help="encoder layers, and as many decoder layers")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one), cpu, cuda")
     args = p.parse_args(argv)

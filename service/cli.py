@@ -31,11 +31,25 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
 
 def usage() -> str:
     rows = [f"  attnserve {' '.join(k):<18} {help_}" for k, (_, help_) in COMMANDS.items()]
-    return "usage: attnserve COMMAND [--help]\n\ncommands:\n" + "\n".join(rows)
+    return "usage: attnserve COMMAND [--help] | --version\n\ncommands:\n" + "\n".join(rows)
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), from its metadata."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("attnserve")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"attnserve {version()}")
+        return
     for n in (2, 1):
         key = tuple(argv[:n])
         if key in COMMANDS:

@@ -171,7 +171,7 @@ def _run(fn) -> None:
 
 def translate_main(argv: list[str] | None = None) -> None:
     p = _parser("attnserve translate", "Translate English to Spanish with a running attnserve.")
-    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("texts", nargs="+", metavar="TEXT", help="English text(s) to translate, one translation each")
     p.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy)")
     p.add_argument("--attention", action="store_true", help="print each target token's most attended source token")
     p.add_argument("--layers", type=indices, metavar="0,2", help="decoder layers averaged (default: the last)")
@@ -215,8 +215,8 @@ def translate_main(argv: list[str] | None = None) -> None:
 
 def classify_main(argv: list[str] | None = None) -> None:
     p = _parser("attnserve classify", "Classify PNG/JPEG images with a running attnserve (Fashion-MNIST ViT).")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="PNG or JPEG file(s)")
+    p.add_argument("--top-k", type=int, default=3, help="classes printed per image (default %(default)s)")
     p.add_argument("--map", choices=("rollout", "cls"), default="rollout",
                    help="attention map of --png and --attention: rollout, or the CLS token's attention (cls)")
     p.add_argument("--layers", type=indices, metavar="0,5", help="cls: layers averaged (default: the last)")
