@@ -7,21 +7,29 @@ and both are safe for a POST (the server did no work). So is a request lost to a
 proxy's own 500/502, not in the API's error format, or a connection dropped mid-answer): inference has no side
 effects and gives the same answer again, so it is retried too. The service's own errors, a JSON 500
 (`internal_error`) included, raise `ApiError` with the API's code and message.
+
+`translate_stream` reads POST /v1/translate with `"stream": true` (Server-Sent Events): a `TokenEvent` per
+generated token as it is decoded, then the final `TranslateResponse`. Only the start of a stream is retried;
+an `error` event, or a stream cut before its `done` event, raises `ApiError`.
+
+Needs only httpx and pydantic (`pip install 'attnserve[client]'`): no Ray, ONNX Runtime, FastAPI or numpy.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from service.protocols.v1.schemas import ClassifyResponse, ModelsResponse, TranslateResponse
+from service.protocols.v1.schemas import ClassifyResponse, ModelsResponse, TokenEvent, TranslateResponse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 MAX_RETRY_AFTER_S = 30.0
@@ -114,6 +122,37 @@ class Client:
             body["max_new_tokens"] = max_new_tokens
         return TranslateResponse.model_validate_json(self.request("POST", "/v1/translate", json=body).content)
 
+    def translate_stream(self, texts: list[str], *, beam_size: int = 1, return_attention: bool = False,
+                         max_new_tokens: int | None = None,
+                         **attention: Any) -> Iterator[TokenEvent | TranslateResponse]:
+        """The translation as it is decoded: a TokenEvent per generated token (greedy decoding; beam search sends
+        only the final answer), then the TranslateResponse. Arguments as `translate`."""
+        body: dict[str, Any] = {"texts": texts, "beam_size": beam_size, "return_attention": return_attention,
+                                "stream": True, **{k: v for k, v in attention.items() if v is not None}}
+        if max_new_tokens is not None:
+            body["max_new_tokens"] = max_new_tokens
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                with self.http.stream("POST", "/v1/translate", json=body,
+                                      headers={"Accept": "text/event-stream"}) as r:
+                    if r.status_code == 503 and not last:
+                        r.read()
+                        wait = self._retry_after(r, attempt)
+                    elif r.status_code >= 400:
+                        r.read()
+                        raise ApiError.from_response(r)
+                    else:
+                        yield from _events(r)
+                        return
+            except (httpx.ConnectError, httpx.ConnectTimeout) as e:  # nothing was sent: safe to retry
+                if last:
+                    raise ApiError(0, "connection_failed", f"cannot reach {self.url}: {e}") from None
+                wait = self.backoff_s * 2**attempt
+            except (httpx.RemoteProtocolError, httpx.ReadError) as e:
+                raise ApiError(0, "stream_broken", f"the stream from {self.url} broke off: {e}") from None
+            time.sleep(wait)
+
     def translate_png(self, text: str, *, beam_size: int = 1, **attention: Any) -> bytes:
         """The alignment heatmap of one text (and the encoder's map beside it, if asked), drawn by the server."""
         body = {"texts": [text], "beam_size": beam_size, **{k: v for k, v in attention.items() if v is not None}}
@@ -132,6 +171,33 @@ class Client:
         """The image with its attention map overlaid, drawn by the server."""
         body = {"images": [base64.b64encode(image).decode()], **_map_choice(attention, layers, heads)}
         return self.request("POST", "/v1/classify", json=body, headers={"Accept": "image/png"}).content
+
+
+def _events(r: httpx.Response) -> Iterator[TokenEvent | TranslateResponse]:
+    """Server-Sent Events (`event:` and `data:` lines, a blank line ends one) as typed objects."""
+    event, data = "message", []
+    for line in r.iter_lines():
+        if line:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
+            continue
+        if not data:
+            continue
+        payload = "\n".join(data)
+        if event == "token":
+            yield TokenEvent.model_validate_json(payload)
+        elif event == "done":
+            yield TranslateResponse.model_validate_json(payload)
+            return
+        elif event == "error":
+            e = json.loads(payload).get("error", {})
+            raise ApiError(r.status_code, e.get("code", "stream_error"), e.get("message", payload), e.get("field"))
+        event, data = "message", []
+    raise ApiError(r.status_code, "stream_broken", "the stream ended before its `done` event")
 
 
 def _map_choice(attention: str, layers: list[int] | None, heads: list[int] | None) -> dict[str, Any]:
@@ -181,9 +247,13 @@ def translate_main(argv: list[str] | None = None) -> None:
                         "(and draw it beside the alignment in --png)")
     p.add_argument("--encoder-layers", type=indices, metavar="0,2", help="encoder layers averaged (default: the last)")
     p.add_argument("--encoder-heads", type=indices, metavar="1,3", help="encoder heads averaged (default: all)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the translation token by token as it is decoded (Server-Sent Events; one TEXT)")
     args = p.parse_args(argv)
     if args.png and len(args.texts) != 1:
         p.error("--png draws one text: give one TEXT")
+    if args.stream and len(args.texts) != 1:
+        p.error("--stream prints one text as it is decoded: give one TEXT")
     choice = {"attention_layers": args.layers, "attention_heads": args.heads,
               "return_encoder_attention": args.encoder or None, "encoder_attention_layers": args.encoder_layers,
               "encoder_attention_heads": args.encoder_heads}
@@ -195,9 +265,22 @@ def translate_main(argv: list[str] | None = None) -> None:
 
     def go() -> None:
         with Client(args.url, args.token) as c:
-            resp = c.translate(args.texts, beam_size=args.beam, return_attention=args.attention, **choice)
+            if args.stream:
+                shown = ""
+                for ev in c.translate_stream(args.texts, beam_size=args.beam, return_attention=args.attention,
+                                             **choice):
+                    if isinstance(ev, TokenEvent):
+                        print(ev.text[len(shown):] if ev.text.startswith(shown) else f"\n{ev.text}", end="",
+                              flush=True)
+                        shown = ev.text
+                    else:
+                        resp = ev
+                print()
+            else:
+                resp = c.translate(args.texts, beam_size=args.beam, return_attention=args.attention, **choice)
             for t in resp.translations:
-                print(t.text)
+                if not args.stream:  # streamed: printed already
+                    print(t.text)
                 if t.attention is not None:
                     a = t.attention
                     print(f"  alignment (decoder layers {a.layers}, heads {a.heads}):")

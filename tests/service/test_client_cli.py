@@ -117,3 +117,38 @@ def test_cli_translate_and_classify(service, tmp_path):
     assert bad.returncode == 2 and "--map cls" in bad.stderr
     bad = cli("translate", "Hi.", "--layers", "9", url=service.base)
     assert bad.returncode == 1 and "[-3, 2]" in bad.stderr
+
+
+def test_client_streams_tokens_then_the_same_result(service):
+    """translate_stream against the real service: one TokenEvent per generated token, each the text so far, then
+    the TranslateResponse, equal to the unstreamed answer (greedy decoding is deterministic)."""
+    from service.client import TokenEvent, TranslateResponse
+
+    text = "Where is the train station?"
+    with Client(service.base) as c:
+        plain = c.translate([text], return_attention=True)
+        events = list(c.translate_stream([text], return_attention=True))
+        tokens, final = events[:-1], events[-1]
+        assert isinstance(final, TranslateResponse) and all(isinstance(e, TokenEvent) for e in tokens)
+        assert final.translations[0].text == plain.translations[0].text
+        t = final.translations[0]
+        assert len(tokens) == len(t.attention.target_tokens)  # one event per generated token (EOS excluded)
+        assert [e.token for e in tokens] == t.attention.target_tokens
+        assert tokens[-1].text == t.text and all(e.index == 0 for e in tokens)
+        assert [e.alignment for e in tokens] == pytest.approx(t.attention.weights, abs=1e-5)
+        # Two texts interleave by index; beam search sends only the final answer.
+        two = list(c.translate_stream(["Hello.", "Good night."]))
+        assert {e.index for e in two[:-1]} == {0, 1} and len(two[-1].translations) == 2
+        beam = list(c.translate_stream([text], beam_size=4))
+        assert len(beam) == 1 and isinstance(beam[0], TranslateResponse)
+        with pytest.raises(ApiError) as e:  # refused before the stream starts: a plain 422
+            list(c.translate_stream([text], attention_layers=[9]))
+        assert e.value.status == 422 and e.value.field is not None
+
+
+def test_cli_streams(service):
+    out = cli("translate", "Where is the train station?", "--stream", url=service.base)
+    assert out.returncode == 0, out.stderr
+    assert "estación" in out.stdout.strip().splitlines()[-1]
+    bad = cli("translate", "One.", "Two.", "--stream", url=service.base)
+    assert bad.returncode == 2 and "--stream" in bad.stderr
