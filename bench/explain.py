@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
+from tqdm import tqdm
 
 from service.runtime import ClassifierRuntime, find_artifact
 
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         rows[name] = []
     for name in reverse:
         rows[f"{name}, reversed"] = []
-    for i, (img, label) in enumerate(zip(images, predicted, strict=True)):
+    for i, (img, label) in enumerate(tqdm(list(zip(images, predicted, strict=True)), desc="images", unit="image",
+                                          leave=False, disable=None)):
         rand = [curves(rt, img, label, rng.permutation(rt.grid**2), masks, a.step) for _ in range(a.seeds)]
         rows["random"].append(tuple(np.mean(rand, axis=0)))
         for name, m in maps.items():

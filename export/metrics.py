@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import numpy as np
 import sacrebleu
+from tqdm import tqdm
 
 from service.runtime import ClassifierRuntime, TranslatorRuntime
 from service.runtime.engine import EngineSettings
 
 
 def translate_all(rt: TranslatorRuntime, texts: list[str], *, beam_size: int = 1, slots: int = 64) -> list[str]:
-    """Translations in input order, decoded by the serving engine (all texts queued, ``slots`` rows in flight)."""
-    settings = EngineSettings(max_slots=max(slots, beam_size))
-    return [r.text for r in rt.translate_engine(texts, settings, beam_size=beam_size)]
+    """Translations in input order, decoded by the serving engine (all texts queued, ``slots`` rows in flight):
+    ``rt.translate_engine``'s loop, with a progress bar (on a terminal only) counting finished texts."""
+    engine = rt.new_engine(EngineSettings(max_slots=max(slots, beam_size)))
+    made = [rt.sequence(t, beam_size=beam_size) for t in texts]
+    with tqdm(total=len(made), desc="translate", unit="text", leave=False, disable=None) as bar:
+        for seq, *_ in made:
+            seq.on_done = lambda _: bar.update()
+            engine.submit(seq)
+        while not engine.idle:
+            engine.iterate()
+    return [rt.result(seq, *rest).text for seq, *rest in made]
 
 
 def bleu_chrf(hyps: list[str], refs: list[str]) -> dict:
@@ -34,7 +43,7 @@ def vit_accuracy(rt: ClassifierRuntime, images: np.ndarray, labels: np.ndarray, 
     """Accuracy through the graph the service runs. ``flip``: test-time augmentation, the mean of the class
     probabilities of each image and its mirror image (twice the compute; not what the service serves)."""
     correct = 0
-    for i in range(0, len(images), batch_size):
+    for i in tqdm(range(0, len(images), batch_size), desc="classify", unit="batch", leave=False, disable=None):
         batch = images[i : i + batch_size]
         probs, _ = rt.predict(batch)
         if flip:

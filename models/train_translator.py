@@ -73,7 +73,8 @@ def translate(model: Translator, tok: Tokenizer, texts: list[str], batch_size: i
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: list[str] = [""] * len(ids)
     device = next(model.parameters()).device
-    for b in range(0, len(order), batch_size):
+    # A bar on a terminal only (disable=None): eval and model-card run this over thousands of texts.
+    for b in tqdm(range(0, len(order), batch_size), desc="translate", unit="batch", leave=False, disable=None):
         chunk = order[b : b + batch_size]
         hyps = greedy_decode(model, pad([ids[i] for i in chunk]).to(device), max_new_tokens=MAX_LEN)
         for i, h in zip(chunk, hyps, strict=True):

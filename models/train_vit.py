@@ -77,7 +77,7 @@ def accuracy(model: ViT, images: np.ndarray, labels: np.ndarray, batch: int = 50
     """``flip``: the mean class probabilities of each image and its mirror image (test-time augmentation)."""
     model.eval()
     correct, device = 0, next(model.parameters()).device
-    for i in range(0, len(images), batch):
+    for i in tqdm(range(0, len(images), batch), desc="classify", unit="batch", leave=False, disable=None):
         x = normalize(images[i : i + batch]).to(device)
         probs = model(x)[0].softmax(-1)
         if flip:
