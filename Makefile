@@ -57,7 +57,7 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e '.[serve,export]'
 	touch $@
 
-# make serve SERVE_ARGS="--port 8001 --metrics-port 8081"
+# make serve SERVE_ARGS="--port 8001 --metrics-port 8090 --front-metrics-port 8091"  (8081 is the front's metrics port)
 serve: $(VENV)/.serve-installed
 	$(BIN)/attnserve serve $(SERVE_ARGS)
 

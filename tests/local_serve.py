@@ -46,7 +46,8 @@ class Service:
         return httpx.Client(base_url=self.base, timeout=120, **kw)
 
 
-def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None) -> tuple[Service, subprocess.Popen]:
+def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None,
+                  args: tuple[str, ...] = ()) -> tuple[Service, subprocess.Popen]:
     """Start with ``config`` and wait until ready (minutes on a loaded 2-core machine); fail with its log."""
     (tmp / "serve_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     port, metrics_port, front_metrics_port = free_port(), free_port(), free_port()
@@ -56,7 +57,7 @@ def start_service(config: dict, tmp: Path, env: dict[str, str] | None = None) ->
     log = tmp / "serve.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(tmp / "serve_config.yaml"),
            "--port", str(port), "--metrics-port", str(metrics_port),
-           "--front-metrics-port", str(front_metrics_port), "--no-export"]
+           "--front-metrics-port", str(front_metrics_port), "--no-export", *args]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600

@@ -153,8 +153,8 @@ def choose_ingress(ingress: str, host: str) -> None:
 
 
 def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpus: int | None,
-          host: str = "127.0.0.1") -> str:
-    """Start Ray and deploy; returns the GCS address."""
+          host: str = "127.0.0.1") -> tuple[str, Path]:
+    """Start Ray and deploy; returns the GCS address and Serve's log folder."""
     import ray
     from ray._private import ray_constants
     from ray.serve._private.api import serve_start
@@ -180,7 +180,8 @@ def start(config: dict[str, Any], *, metrics_port: int, dashboard: bool, num_cpu
         print(f"attnserve serve: Serve's proxy restarted ({type(e).__name__}); waiting for it", flush=True)
         client = serve_start(**options)
     client.deploy_apps(schema, _blocking=False)
-    return ray.get_runtime_context().gcs_address
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    return ray.get_runtime_context().gcs_address, logs
 
 
 def wait_ready(base: str, timeout_s: float) -> None:
@@ -265,7 +266,8 @@ def find_front(choice: str) -> str | None:
         return None
 
 
-def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | None, took_s: float) -> str:
+def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | None, took_s: float,
+                  logs: Path) -> str:
     lines = [f"  API      {base}/v1/translate  {base}/v1/classify  {base}/v1/models",
              f"  docs     {base}/docs",
              f"  health   {base}/healthz  {base}/readyz",
@@ -275,6 +277,7 @@ def ready_message(base: str, a: argparse.Namespace, gcs: str, front: Front | Non
                      f" admits {front.describe()}")
         if front.metrics_url:
             lines.append(f"           front metrics {front.metrics_url}")
+    lines.append(f"  logs     {logs}")
     lines.append(f"  ray      {gcs}  (RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}"
                  f" RAY_AUTH_TOKEN_PATH={os.environ.get('RAY_AUTH_TOKEN_PATH', '<yours>')})")
     return "\n".join([f"attnserve ready in {took_s:.1f} s", *lines, "Ctrl-C to stop."])
@@ -361,10 +364,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"attnserve serve: {e}")
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        gcs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
+        gcs, logs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own handler: ours must come after
         wait_ready(base, a.ready_timeout)
-        print(ready_message(base, a, gcs, front, time.monotonic() - t0), flush=True)
+        print(ready_message(base, a, gcs, front, time.monotonic() - t0, logs), flush=True)
         signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)

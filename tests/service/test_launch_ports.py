@@ -8,8 +8,10 @@ is started a few times in a row (slow, under the heavy lock).
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import socket
 from pathlib import Path
 
@@ -80,22 +82,37 @@ def test_the_race_cannot_happen_ephemeral_sockets_opened_after_the_choice_never_
 @pytest.mark.slow
 def test_the_service_starts_every_time(service_artifacts: Path, tmp_path: Path):
     """A few real starts in a row (ATTNSERVE_START_REPEATS, default 3): each must come up ready and answer.
-    Each start chooses the port behind the front and Ray's two metric ports itself."""
+    Each start chooses the port behind the front and Ray's two metric ports itself. The last one also logs
+    JSON (--log-format json): every line of the replicas' logs is one JSON object."""
     from local_serve import shipped_config, start_service, stop_service
 
     config = shipped_config()
     for app in config["applications"]:
         app["args"]["artifact_root"] = str(service_artifacts)
-    for i in range(int(os.environ.get("ATTNSERVE_START_REPEATS", "3"))):
+    n = int(os.environ.get("ATTNSERVE_START_REPEATS", "3"))
+    for i in range(n):
         (tmp_path / f"start{i}").mkdir()
-        svc, proc = start_service(config, tmp_path / f"start{i}")
+        json_logs = i == n - 1
+        svc, proc = start_service(config, tmp_path / f"start{i}", args=("--log-format", "json") if json_logs else ())
         try:
             with svc.client() as c:
                 assert c.get("/readyz").status_code == 200
                 r = c.post("/v1/translate", json={"texts": ["Hello."]})
                 assert r.status_code == 200, r.text
+            if json_logs:
+                assert_json_logs(svc.log.read_text())
         finally:
             stop_service(proc)
         assert proc.returncode == 0, svc.log.read_text()[-1000:]
         log = svc.log.read_text()
         assert "Failed to bind" not in log and "proxy restarted" not in log, log[-1000:]
+
+
+def assert_json_logs(ready_log: str) -> None:
+    folder = Path(re.search(r"^  logs +(\S+)$", ready_log, re.M).group(1))
+    replica_logs = list(folder.glob("replica_translator_*.log"))
+    assert replica_logs, f"no translator replica log in {folder}: {sorted(p.name for p in folder.iterdir())}"
+    lines = [line for f in replica_logs for line in f.read_text().splitlines() if line.strip()]
+    assert lines, "the replica logged nothing"
+    records = [json.loads(line) for line in lines]  # fails on any line that is not JSON
+    assert all({"levelname", "message"} <= r.keys() for r in records), records[:3]
