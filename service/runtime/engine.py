@@ -246,7 +246,8 @@ class Engine:
 
     def _step(self, stats: IterationStats) -> None:
         n = self.live
-        self.b.fit(n, n, self._positions_needed(), max(len(s.src_ids) for s in self.running))
+        # Rows for every slot held (beam sequences get theirs after the first step): no shrink-then-grow.
+        self.b.fit(n, max(n, self.reserved), self._positions_needed(), max(len(s.src_ids) for s in self.running))
         t0 = time.monotonic()
         out = self.step_graph.run(n, alignment=any(s.align is not None for s in self.running))
         stats.rows, stats.sequences, stats.step_seconds = n, len(self.running), time.monotonic() - t0
