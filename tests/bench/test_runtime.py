@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.runtime import BEGIN, END, table, write_notes
+from bench.runtime import BEGIN, END, best_of, table, write_notes
 
 
 def test_write_notes_replaces_only_the_runtime_section(tmp_path):
@@ -27,4 +27,12 @@ def test_table_puts_the_engine_beside_ctranslate2():
     ]
     lines = table(rows).splitlines()
     assert len(lines) == 3
-    assert lines[2] == "| fp32 | greedy | no | 8 | 500 | 1000 | 0.50 | 400 | 800 | 0.50 | 0.25 | 2048 |"
+    assert lines[2] == "| fp32 | greedy | no | 8 | 500 | 1000 | 0.50 | 400 | 800 | 0.50 | 0.25 |  | 2048 |"
+
+
+def test_best_of_keeps_each_rows_best_round():
+    common = {"model": "translator", "precision": "fp32", "decoding": "greedy", "attention": False, "batch": 8}
+    slow = [{**common, "backend": "engine", "items_per_cpu_s": 1.0, "tokens_per_cpu_s": 10.0}, {"sample_tokens": []}]
+    fast = [{**common, "backend": "engine", "items_per_cpu_s": 2.0, "tokens_per_cpu_s": 20.0}, {"sample_tokens": [1]}]
+    rows = best_of([slow, fast])
+    assert [r.get("tokens_per_cpu_s") for r in rows] == [20.0, None] and rows[1] == {"sample_tokens": []}
