@@ -26,6 +26,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "engine"): ("bench.engine:main", "continuous-batching engine vs request-level batching"),
     ("bench", "explain"): ("bench.explain:main", "ViT attention maps vs random order: deletion/insertion curves"),
     ("bench", "soak"): ("bench.soak:main", "steady load at ~70% of capacity for N minutes: errors, latency, RSS"),
+    ("bench", "cost"): ("bench.cost:main", "CPU per request in each process of the serving path vs the baseline"),
 }
 
 
