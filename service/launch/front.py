@@ -24,10 +24,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,8 @@ class Backend:
     route_prefix: str  # the /v1 route
     max_in_flight: int
     max_queue: int
+    replicas: int = 1  # the most replicas the deployment can have: as many direct-ingress slots
+    per_replica: int = 0  # max_pending: what one replica admits (0: max_in_flight)
 
 
 def backends(config: dict[str, Any]) -> list[Backend]:
@@ -59,7 +64,8 @@ def backends(config: dict[str, Any]) -> list[Backend]:
         scaling = deployment.get("autoscaling_config") or {}
         replicas = int(scaling.get("max_replicas") or deployment.get("num_replicas") or 1)
         n = model.max_pending * replicas
-        out.append(Backend(component, model.name, app["route_prefix"], n, max(1, n // 2)))
+        out.append(Backend(component, model.name, app["route_prefix"], n, max(1, n // 2), replicas,
+                           model.max_pending))
     return out
 
 
@@ -92,6 +98,9 @@ def error_files(retry_after_s: int) -> dict[int, bytes]:
     }
 
 
+ADMIN_SOCKET = "admin.sock"  # HAProxy's runtime API, in the front's folder
+DIRECT_SERVER = "direct"  # the backend's slots for the replicas' direct-ingress ports: direct1, direct2, ...
+PROXY_SERVER = "serve"  # Serve's proxy: the backup, and v2's way in
 V2_BUSY = "503-v2.json"  # the front's refusal on v2 paths: the protocol's `{"error": "..."}`
 
 
@@ -106,6 +115,9 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
         "global",
         "    maxconn 4096",
         "    nbthread 1",  # one core refuses tens of thousands of requests/s; the rest is left to the models
+        # The runtime API, for the replica follower to fill the direct-ingress slots: a unix socket, 0600, in
+        # the front's own 0700 folder (no TCP port).
+        f"    stats socket {errors_dir / ADMIN_SOCKET} mode 600 level admin",
         "defaults",
         "    mode http",
         "    timeout connect 5s",
@@ -139,18 +151,57 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
     lines += [f"    use_backend {b.name} if is_{b.name} || is_{b.name}_v2" for b in items]
     lines += ["    default_backend serve", "backend serve", f"    server serve 127.0.0.1:{upstream_port}"]
     for b in items:
+        v2 = re.escape(f"/v2/models/{b.model}")
         lines += [f"backend {b.name}",
-                  # Serve's proxy closed the connection without an answer (its restart, its teardown): inference
-                  # is idempotent, so ask again. (Not its 500 for a replica that died under a request: retried at
-                  # once it met the same dead replica, 4-6 of 8 still failed in two runs; service.client retries
-                  # those with backoff.) Only requests that fit the 16 KiB buffer can be retried.
+                  "    balance leastconn",
+                  # Serve's proxy closed the connection without an answer (its restart, its teardown), or a replica's
+                  # port refused it (the replica just died): inference is idempotent, so ask again, on another
+                  # server. (Not its 500 for a replica that died under a request: retried at once it met the same
+                  # dead replica, 4-6 of 8 still failed in two runs; service.client retries those with backoff.)
+                  # Only requests that fit the 16 KiB buffer can be retried.
                   "    retry-on conn-failure empty-response",
-                  f"    server serve 127.0.0.1:{upstream_port} maxconn {b.max_in_flight}"]
+                  "    option redispatch 1",
+                  # The replicas' direct-ingress health route (Serve's: 503 while it drains or stops).
+                  "    option httpchk GET /-/healthz",
+                  # v2 routes live in the api app, behind Serve's proxy; /v1 goes straight to a replica's
+                  # direct-ingress port, skipping the proxy's hop (docs/BENCHMARKS.md "Request cost").
+                  f"    acl v2 path_reg ^{v2}(/versions/[^/]+)?/infer$",
+                  f"    use-server {PROXY_SERVER} if v2",
+                  # Slots the follower points at the replicas' ports (Front.follow); until then, and whenever none
+                  # is up, Serve's proxy (the backup) serves.
+                  f"    server-template {DIRECT_SERVER} 1-{b.replicas} 127.0.0.1:1 disabled check inter 1s fall 1 "
+                  f"rise 1 maxconn {b.per_replica or b.max_in_flight}",
+                  f"    server {PROXY_SERVER} 127.0.0.1:{upstream_port} backup maxconn {b.max_in_flight}"]
     if metrics_port:
         lines += ["frontend metrics", f"    bind {metrics_host}:{metrics_port}",
                   "    http-request use-service prometheus-exporter if { path /metrics }",
                   "    http-request return status 404"]
     return "\n".join(lines) + "\n"
+
+
+def serve_targets() -> Callable[[], dict[str, list[tuple[str, int]]]]:
+    """A function giving, per route prefix, the (host, port) of each running ingress replica's direct-ingress HTTP
+    server (RAY_SERVE_THROUGHPUT_OPTIMIZED opens them), asked of Serve's controller. Call it in the process that
+    started Serve. Private API, checked against Ray 2.60: `ServeController.get_target_groups`, what Ray's own
+    HAProxy manager reads; its fallback groups that point at Serve's proxies (an app without running replicas)
+    are left out."""
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller  # once: never reconnect (or start a Ray) while stopping
+
+    def targets() -> dict[str, list[tuple[str, int]]]:
+        if not ray.is_initialized():
+            raise RuntimeError("Ray has stopped")
+        out: dict[str, list[tuple[str, int]]] = {}
+        for group in ray.get(controller.get_target_groups.remote(), timeout=10):
+            if group.protocol == RequestProtocol.HTTP:
+                out[group.route_prefix] = sorted((t.ip, t.port) for t in group.targets
+                                                 if t.name.startswith("SERVE_REPLICA"))
+        return out
+
+    return targets
 
 
 def binary() -> str:
@@ -190,6 +241,10 @@ class Front:
                                    metrics_host=metrics_host, metrics_port=metrics_port, errors_dir=self.folder,
                                    retry_after_s=retry_after_s))
         self.proc: subprocess.Popen | None = None
+        self._following = threading.Event()
+        self._follower: threading.Thread | None = None
+        # What each model backend's direct slots hold (None: in maintenance).
+        self.direct: dict[str, list[tuple[str, int] | None]] = {b.name: [None] * b.replicas for b in self.items}
 
     def start(self) -> Front:
         exe = self.exe
@@ -204,7 +259,61 @@ class Front:
             raise RuntimeError(f"HAProxy exited at start (code {self.proc.returncode}; port taken?)")
         return self
 
+    def admin(self, *commands: str) -> str:
+        """Commands to HAProxy's runtime API (its unix socket), answered in one go."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.folder / ADMIN_SOCKET))
+            s.sendall(("; ".join(commands) + "\n").encode())
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        return out.decode()
+
+    def point(self, name: str, targets: list[tuple[str, int]]) -> None:
+        """Point a model backend's direct slots at these replica addresses, the others in maintenance. A slot that
+        keeps its address is not touched, so its connections and health state stay. More replicas than slots
+        (a rollout beyond the config's maximum): the extra ones are reached through the proxy."""
+        slots, commands = self.direct[name], []
+        for i, held in enumerate(slots):
+            if held is not None and held not in targets:
+                commands.append(f"set server {name}/{DIRECT_SERVER}{i + 1} state maint")
+                slots[i] = None
+        for host, port in targets:
+            if (host, port) in slots or None not in slots:
+                continue
+            i = slots.index(None)
+            slots[i] = (host, port)
+            server = f"{name}/{DIRECT_SERVER}{i + 1}"
+            commands += [f"set server {server} state maint", f"set server {server} addr {host} port {port}",
+                         f"set server {server} state ready"]
+        if commands:
+            self.admin(*commands)
+
+    def follow(self, targets: Callable[[], dict[str, list[tuple[str, int]]]], interval_s: float = 1.0) -> None:
+        """Keep the direct slots on the running replicas: `targets()` maps a route prefix to the replicas'
+        direct-ingress (host, port), polled every `interval_s` (replicas come and go with autoscaling and
+        restarts; between polls HAProxy's health checks take a gone replica out within a second)."""
+
+        def loop() -> None:
+            while not self._following.wait(interval_s):
+                try:
+                    found = targets()
+                except Exception:  # Serve starting or stopping: keep what the slots hold, checks decide
+                    continue
+                for b in self.items:
+                    try:
+                        self.point(b.name, found.get(b.route_prefix, []))
+                    except OSError:  # HAProxy gone (stopping)
+                        return
+
+        self._follower = threading.Thread(target=loop, name="front-follower", daemon=True)
+        self._follower.start()
+
     def stop(self) -> None:
+        self._following.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

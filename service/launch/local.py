@@ -49,7 +49,7 @@ import httpx
 import yaml
 
 from service.config import REPO_ROOT, AppArgs
-from service.launch.front import Front, binary
+from service.launch.front import Front, binary, serve_targets
 from service.launch.ports import choose_port
 from service.runtime import ArtifactError, find_artifact
 
@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         gcs, logs = start(config, metrics_port=a.metrics_port, dashboard=a.dashboard, num_cpus=a.num_cpus, host=a.host)
         signal.signal(signal.SIGTERM, on_signal)  # ray.init installs its own handler: ours must come after
+        if front is not None:
+            front.follow(serve_targets())  # /v1 straight to the replicas' direct-ingress ports as they come
         wait_ready(base, a.ready_timeout)
         print(ready_message(base, a, gcs, front, time.monotonic() - t0, logs), flush=True)
         signal.pause() if hasattr(signal, "pause") else time.sleep(1e9)

@@ -22,8 +22,9 @@ from service.launch.front import V2_BUSY, Backend, Front, backends, binary, erro
 def test_each_model_admits_what_its_replicas_admit():
     got = {b.name: b for b in backends(shipped_config())}
     # deploy/serve_config.yaml: max_pending 96 (translator) and 120 (classifier), autoscaling up to 2 replicas
-    assert got["translator"] == Backend("translator", "translator-en-es", "/v1/translate", 192, 96)
-    assert got["classifier"] == Backend("classifier", "vit-fashion", "/v1/classify", 240, 120)
+    # Each replica admits max_pending: as many in flight on each of its direct-ingress slots (one per replica).
+    assert got["translator"] == Backend("translator", "translator-en-es", "/v1/translate", 192, 96, 2, 96)
+    assert got["classifier"] == Backend("classifier", "vit-fashion", "/v1/classify", 240, 120, 2, 120)
 
 
 def test_config_is_accepted_by_haproxy(tmp_path: Path):
@@ -55,19 +56,40 @@ def test_error_files_are_the_service_error_format():
     assert isinstance(json.loads(v2_busy(1))["error"], str)  # the v2 protocol's form
 
 
-def test_requests_pass_through_the_front(service):
-    def served() -> float:
-        """2xx answers of the translator's backend, from the front's Prometheus exporter."""
-        text = httpx.get(service.front_metrics_url, timeout=10).text
-        return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
-                   if x.name == "haproxy_backend_http_responses_total" and x.labels.get("proxy") == "translator"
-                   and x.labels.get("code") == "2xx")
+def served(service, server: str | None = None) -> float:
+    """2xx answers of the translator's backend (or of one of its servers), from the front's exporter."""
+    text = httpx.get(service.front_metrics_url, timeout=10).text
+    name = "haproxy_backend_http_responses_total" if server is None else "haproxy_server_http_responses_total"
+    return sum(x.value for f in text_string_to_metric_families(text) for x in f.samples
+               if x.name == name and x.labels.get("proxy") == "translator" and x.labels.get("code") == "2xx"
+               and (server is None or x.labels.get("server") == server))
 
-    before = served()
+
+def test_requests_pass_through_the_front(service):
+    before = served(service)
     with service.client() as c:
         assert c.post("/v1/translate", json={"texts": ["Hello."]}).status_code == 200
         assert c.get("/healthz").status_code == 200  # not a model route: another backend
-    assert served() == before + 1
+    assert served(service) == before + 1
+
+
+def test_v1_goes_straight_to_the_replica_and_v2_through_serve(service):
+    """The follower points the translator's first direct slot at its replica's direct-ingress port (polled each
+    second, so wait for it); /v1 is then answered by that server, v2 by Serve's proxy."""
+    with service.client() as c:
+        for _ in range(60):
+            direct = served(service, "direct1")
+            assert c.post("/v1/translate", json={"texts": ["Hello."]}).status_code == 200
+            if served(service, "direct1") == direct + 1:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError("no /v1 request reached the replica's direct-ingress port")
+        proxy = served(service, "serve")
+        body = {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["Hello."]}]}
+        r = c.post("/v2/models/translator-en-es/infer", json=body)
+        assert r.status_code == 200, r.text
+        assert served(service, "serve") == proxy + 1 and served(service, "direct1") == direct + 1
 
 
 def test_malformed_http_gets_a_400_from_the_front(service):
@@ -79,6 +101,66 @@ def test_malformed_http_gets_a_400_from_the_front(service):
     with socket.create_connection((url.hostname, url.port), timeout=30) as s:
         s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 400 ")
+
+
+class Named(BaseHTTPRequestHandler):
+    """Answers every request with the server's name: which upstream HAProxy chose."""
+
+    def do_GET(self):
+        body = self.server.name.encode()  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+def named_server(name: str) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
+    server.name = name  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_direct_slots_follow_the_replicas(tmp_path: Path):
+    """The real HAProxy: /v1 goes to the replica a slot points at once its health check passes, v2 always to
+    Serve's proxy; with the replica gone from the targets, or its port closed, /v1 falls back to the proxy."""
+    proxy, replica, other = named_server("proxy"), named_server("replica"), named_server("other")
+    port = free_port()
+    front = Front(shipped_config(), exe=binary(), host="127.0.0.1", port=port, upstream_port=proxy.server_port,
+                  metrics_host="127.0.0.1", metrics_port=None, retry_after_s=1).start()
+    base = f"http://127.0.0.1:{port}"
+
+    def answers(path: str, want: str) -> bool:
+        for _ in range(50):  # health checks run every second
+            if httpx.post(base + path, timeout=10).text == want:
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        assert httpx.post(f"{base}/v1/classify", timeout=10).text == "proxy"  # no replica known yet
+        front.point("classifier", [("127.0.0.1", replica.server_port)])
+        assert answers("/v1/classify", "replica")
+        assert httpx.post(f"{base}/v2/models/vit-fashion/infer", timeout=10).text == "proxy"
+        assert httpx.post(f"{base}/v1/translate", timeout=10).text == "proxy"  # another model's backend
+        front.point("classifier", [("127.0.0.1", other.server_port)])  # a replaced replica
+        assert answers("/v1/classify", "other")
+        assert front.direct["classifier"] == [("127.0.0.1", other.server_port), None]  # the freed slot
+        other.shutdown()
+        other.server_close()  # the replica died: its port refuses, HAProxy redispatches to the proxy
+        assert answers("/v1/classify", "proxy")
+        front.point("classifier", [])
+        assert front.direct["classifier"] == [None, None]
+        assert httpx.post(f"{base}/v1/classify", timeout=10).text == "proxy"
+    finally:
+        front.stop()
+        for s in (proxy, replica):
+            s.shutdown()
 
 
 def test_a_full_model_is_refused_at_once_in_each_protocols_form(tmp_path: Path):
