@@ -3,9 +3,11 @@
 No Ray, no batching, no metrics: one uvicorn process, plain `def` routes (FastAPI runs them in its thread
 pool), the same runtime, preprocessing and response schemas as attnserve. Started by `attnserve bench http`:
     ATTNSERVE_ARTIFACTS=artifacts uvicorn bench.baseline_server:app --port 8100
+$ATTNSERVE_BASELINE_DEVICE picks ONNX Runtime's provider: cpu (default) or cuda (fails at start without it).
 """
 
 import base64
+import os
 
 import numpy as np
 from fastapi import FastAPI
@@ -25,8 +27,9 @@ from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
 
 args = AppArgs()
 root = args.resolved_root()
-translator = TranslatorRuntime(find_artifact(root, args.translator.name), precision="fp32", device="cpu")
-classifier = ClassifierRuntime(find_artifact(root, args.classifier.name), precision="fp32", device="cpu")
+device = os.environ.get("ATTNSERVE_BASELINE_DEVICE", "cpu")  # "cuda" without the provider: DeviceError at start
+translator = TranslatorRuntime(find_artifact(root, args.translator.name), precision="fp32", device=device)
+classifier = ClassifierRuntime(find_artifact(root, args.classifier.name), precision="fp32", device=device)
 app = FastAPI(title="baseline")
 
 

@@ -3,6 +3,10 @@
 Closed-loop clients (each sends its next request when the previous answer arrives) at each concurrency,
 per route, for a fixed time. Loopback only. Mean batch size comes from the service's own
 `attnserve_batch_size` histogram (a metrics scrape before and after each run).
+
+`--device cuda`: the baseline runs on ONNX Runtime's CUDA provider (it fails clearly without one), and the
+running service must report that device for its models in /v1/models (start it with
+`attnserve serve --device cuda`); a mismatch stops the bench before it measures anything.
 """
 
 import argparse
@@ -128,8 +132,24 @@ def scrape_after(metrics_url: str, model: str, sent: int, wait_s: float) -> tupl
         time.sleep(1)
 
 
-def start_baseline(port: int, artifacts: str | None) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def check_device(base: str, device: str) -> None:
+    """Stop unless ONNX Runtime here has the device and every model of the service runs on it."""
+    from service.runtime.errors import DeviceError
+    from service.runtime.sessions import resolve_device
+
+    try:
+        resolve_device(device)
+    except DeviceError as e:
+        sys.exit(f"attnserve bench http: the baseline cannot run on {device}: {e}")
+    models = httpx.get(f"{base}/v1/models", timeout=30).json()["models"]
+    wrong = {m["name"]: m["device"] for m in models if m["device"] != device}
+    if wrong:
+        sys.exit(f"attnserve bench http: --device {device}, but the service runs {wrong}: start it with "
+                 f"`attnserve serve --device {device}`")
+
+
+def start_baseline(port: int, artifacts: str | None, device: str = "cpu") -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ATTNSERVE_BASELINE_DEVICE": device}
     if artifacts:
         env["ATTNSERVE_ARTIFACTS"] = artifacts
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench.baseline_server:app", "--host", "127.0.0.1",
@@ -157,10 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-port", type=int, default=8100)
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--artifacts", help="artifact root for the baseline (default: as the service resolves it)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="the baseline's ONNX Runtime provider; the service must run on the same (checked)")
     p.add_argument("--metrics-wait", type=float, default=40.0, help="max wait for a scrape to count a run")
     a = p.parse_args(argv)
     if not a.url.startswith(("http://127.0.0.1", "http://localhost")):
         sys.exit("attnserve bench http: loopback only (--url http://127.0.0.1:PORT)")
+    check_device(a.url, a.device)
 
     rows: list[tuple[str, int, dict, dict | None]] = []
     # Requests counted so far per model: lets us wait until a run's requests are all in the scrape.
@@ -179,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"attnserve {route:9} c={c:<3} {res['rps']:8.1f} req/s  p50 {res['p50']:7.1f} ms  "
                   f"p99 {res['p99']:7.1f} ms  errors {res['errors']}  batch {res['batch']:.2f}", flush=True)
     if not a.no_baseline:
-        proc = start_baseline(a.baseline_port, a.artifacts)
+        proc = start_baseline(a.baseline_port, a.artifacts, a.device)
         try:
             base = f"http://127.0.0.1:{a.baseline_port}"
             for i, (route, c, res, _) in enumerate(rows):
@@ -190,13 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=30)
-    print(table(rows, a.items))
+    print(table(rows, a.items, a.device))
 
 
-def table(rows: list[tuple[str, int, dict, dict | None]], items: int) -> str:
+def table(rows: list[tuple[str, int, dict, dict | None]], items: int, device: str = "cpu") -> str:
     head = ("| route | conc. | req/s | items/s | p50 ms | p95 ms | p99 ms | errors | mean batch "
             "| baseline req/s | baseline p50 / p99 ms | baseline errors | ratio |")
-    lines = [f"\n{items} item(s) per request\n", head, "|" + " --- |" * 13]
+    lines = [f"\n{items} item(s) per request, ONNX Runtime on {device}\n", head, "|" + " --- |" * 13]
     for route, c, r, b in rows:
         base = (f"{b['rps']:.1f} | {b['p50']:.1f} / {b['p99']:.1f} | {b['errors']} | {r['rps'] / b['rps']:.2f}x"
                 if b and b["rps"] else "- | - | - | -")
