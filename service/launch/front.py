@@ -169,8 +169,9 @@ def render(items: list[Backend], *, host: str, port: int, upstream_port: int, me
                   f"    use-server {PROXY_SERVER} if v2",
                   # Slots the follower points at the replicas' ports (Front.follow); until then, and whenever none
                   # is up, Serve's proxy (the backup) serves.
+                  # A refused connection (the replica died) marks its slot down at once, not at the next check.
                   f"    server-template {DIRECT_SERVER} 1-{b.replicas} 127.0.0.1:1 disabled check inter 1s fall 1 "
-                  f"rise 1 maxconn {b.per_replica or b.max_in_flight}",
+                  f"rise 1 observe layer4 error-limit 1 on-error mark-down maxconn {b.per_replica or b.max_in_flight}",
                   f"    server {PROXY_SERVER} 127.0.0.1:{upstream_port} backup maxconn {b.max_in_flight}"]
     if metrics_port:
         lines += ["frontend metrics", f"    bind {metrics_host}:{metrics_port}",
