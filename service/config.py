@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.runtime.engine import EngineSettings
 from service.runtime.manifest import NAME_PATTERN  # names and versions are artifact folder names
+from service.runtime.sessions import CudaOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,14 @@ class ModelArgs(_Strict):
     version: str | None = Field(None, pattern=NAME_PATTERN,
                                 description="artifact version (folder name); None = the newest complete one")
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="ONNX Runtime's provider: auto = cuda when "
+                                                  "the CUDA provider works at start (the launcher decides), else cpu; "
+                                                  "cuda where it cannot run is an error at start")
+    cuda: CudaOptions = Field(CudaOptions(), description="CUDA provider options (service/runtime/sessions.py)")
+    gpu_share: float = Field(0.5, gt=0, le=1, description="the GPU share each replica asks Ray for "
+                             "(ray_actor_options.num_gpus) when the device resolves to cuda; set by `attnserve serve` "
+                             "and deploy/gen_kuberay.py's GPU variant. 0.5 + 0.5: translator and classifier share "
+                             "one card")
     intra_op_threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per replica")
     timeout_s: float = Field(30.0, gt=0, description="request deadline; past it the client gets a 504")
     max_pending: int = Field(256, ge=1, description="requests admitted per replica; beyond it a 503 + Retry-After")

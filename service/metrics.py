@@ -66,6 +66,10 @@ class Metrics:
         self.time_per_output_token = Histogram(
             "attnserve_time_per_output_token_seconds", "Decoding time per generated token after the first.",
             boundaries=QUEUE_S, tag_keys=("model",))
+        self.model_info = Gauge(
+            "attnserve_model_info", "1 per replica: the artifact it serves and the device its ONNX Runtime sessions "
+            "actually run on (from session.get_providers(), not from the config).",
+            tag_keys=("model", "version", "precision", "device"))
         self.dropped = Counter(
             "attnserve_engine_dropped", "Sequences dropped before finishing, by reason (disconnect, deadline).",
             tag_keys=("model", "reason"))

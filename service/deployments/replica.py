@@ -22,12 +22,15 @@ class ModelReplica:
         self.args = AppArgs.model_validate(args)
         cfg, self.limits = getattr(self.args, component), self.args.limits
         path = find_artifact(self.args.resolved_root(), cfg.name, cfg.version)
-        self.rt = runtime_cls(path, precision=cfg.precision, device=cfg.device, intra_op_threads=cfg.intra_op_threads)
+        self.rt = runtime_cls(path, precision=cfg.precision, device=cfg.device, intra_op_threads=cfg.intra_op_threads,
+                              cuda=cfg.cuda)
         self.gate = Gate(max_pending=cfg.max_pending, max_pending_cost=cfg.max_pending_cost, timeout_s=cfg.timeout_s,
                          retry_after_s=self.args.retry_after_s)
         self.settings = BatchSettings()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="ort")  # ORT off the event loop, one call at a time
         self.metrics = metrics()
+        self.metrics.model_info.set(1, tags={"model": cfg.name, "version": self.rt.version,
+                                             "precision": self.rt.precision, "device": self.rt.device})
         return cfg
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

@@ -49,9 +49,10 @@ import httpx
 import yaml
 
 from service.config import REPO_ROOT, AppArgs
+from service.launch import devices
 from service.launch.front import Front, binary, serve_targets
 from service.launch.ports import choose_port
-from service.runtime import ArtifactError, find_artifact
+from service.runtime import ArtifactError, DeviceError, find_artifact
 
 DEFAULT_CONFIG = REPO_ROOT / "deploy" / "serve_config.yaml"
 
@@ -91,7 +92,10 @@ def ensure_artifacts(args: AppArgs, *, export: bool) -> None:
     if not export:
         sys.exit(f"attnserve serve: no artifacts for {', '.join(missing)} under {root}; run `attnserve export`")
     print(f"exporting {', '.join(missing)} to {root} (attnserve export) ...", flush=True)
-    cmd = [sys.executable, "-m", "service.cli", "export", "--models", *missing, "--out", str(root)]
+    # A GPU venv holds onnxruntime-gpu alone (no torch, no CPU onnxruntime): `make serve DEVICE=cuda` points this
+    # at the CPU venv's Python, which has the exporter.
+    python = os.environ.get("ATTNSERVE_EXPORT_PYTHON") or sys.executable
+    cmd = [python, "-m", "service.cli", "export", "--models", *missing, "--out", str(root)]
     if subprocess.run(cmd, cwd=REPO_ROOT).returncode != 0:
         sys.exit("attnserve serve: `attnserve export` failed (see above); are the checkpoints in models/checkpoints/"
                  " and the export extra installed (pip install -e '.[export]')?")
@@ -310,6 +314,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-export", action="store_true", help="fail instead of exporting missing artifacts")
     p.add_argument("--ready-timeout", type=float, default=180.0,
                    help="seconds to wait for every model to answer before giving up (default %(default)s)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                   help="ONNX Runtime device for both models, overriding the config's `device` (auto: cuda when its"
+                        " provider starts here, else cpu); cuda where it cannot run exits at once, saying why")
     return p
 
 
@@ -338,7 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.log_format:
         config.setdefault("logging_config", {})["encoding"] = a.log_format.upper()
     args = shared_args(config)
-    ensure_artifacts(args, export=not a.no_export)
+    try:  # before anything starts: a wrong install or `cuda` without a CUDA provider exits here
+        wanted = devices.decide(args, a.device)
+        ensure_artifacts(args, export=not a.no_export)
+        print(f"attnserve serve: {devices.describe(devices.settle(config, args, wanted))}", flush=True)
+    except DeviceError as e:
+        sys.exit(f"attnserve serve: {e}")
 
     stopping = False
 

@@ -10,6 +10,7 @@ import numpy as np
 from service.runtime import attention, reference
 from service.runtime.base import ArtifactRuntime
 from service.runtime.errors import InputError
+from service.runtime.sessions import CudaOptions
 
 
 @dataclass
@@ -32,9 +33,11 @@ class ClassifierRuntime(ArtifactRuntime):
     REFERENCE_GRAPHS = ("vit", "vit_attn")  # `classify`'s (tools, eval, bench): loaded on first use
 
     def __init__(
-        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
+        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1,
+        cuda: CudaOptions | None = None,
     ) -> None:
-        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
+        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads,
+                         cuda=cuda)
         self.sessions = reference.LazySessions(self, self.REFERENCE_GRAPHS, intra_op_threads)
         self.labels: list[str] = list(self.manifest.labels or [])
         pre = self.manifest.preprocessing or {}

@@ -35,7 +35,8 @@ class LazySessions(dict):
             raise KeyError(graph)
         rt = self.rt
         path = rt.artifact_dir / rt.manifest.graph(rt.precision, graph).file
-        self[graph] = session = make_session(path, device=rt.device, intra_op_threads=self.threads)
+        self[graph] = session = make_session(path, device=rt.device, intra_op_threads=self.threads,
+                                             cuda=rt.cuda_options)
         return session
 
 

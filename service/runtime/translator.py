@@ -14,6 +14,7 @@ from service.runtime.decoding import Hypothesis, Step
 from service.runtime.device_slots import DeviceSlots
 from service.runtime.engine import Engine, EngineSettings, Sequence
 from service.runtime.errors import InputError
+from service.runtime.sessions import CudaOptions
 from service.runtime.slots import SlotBuffers, SlotStep, input_dtypes
 
 MAX_BEAM = 8
@@ -55,9 +56,11 @@ class TranslatorRuntime(ArtifactRuntime):
     REFERENCE_GRAPHS = ("decoder", "decoder_attn")  # the request-level path's: loaded on first use
 
     def __init__(
-        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1
+        self, artifact_dir: Path, *, precision: str = "fp32", device: str = "auto", intra_op_threads: int = 1,
+        cuda: CudaOptions | None = None,
     ) -> None:
-        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads)
+        super().__init__(artifact_dir, precision=precision, device=device, intra_op_threads=intra_op_threads,
+                         cuda=cuda)
         self.sessions = reference.LazySessions(self, self.REFERENCE_GRAPHS, intra_op_threads)
         self.tokenizer = Tokenizer.from_file(str(self.artifact_dir / (self.manifest.tokenizer or "tokenizer.json")))
         special = self.manifest.special_tokens or {}

@@ -413,6 +413,7 @@ def _metadata(name: str, info: dict[str, Any]) -> ModelMetadata:
                                f"parameter says) {', '.join(extras)}")
     if info.get("labels"):
         docs["labels"] = ",".join(info["labels"])
+    docs["device"] = info["device"]  # the replica's ONNX Runtime sessions' actual provider (cpu|cuda)
     return ModelMetadata(name=name, versions=[info["version"]], platform=PLATFORM, inputs=spec.inputs,
                          outputs=spec.outputs, parameters=docs)
 
