@@ -6,11 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install -q -c constraints.txt
 
-.PHONY: install test lint tools serve bench-http
+.PHONY: install test lint tools serve bench-http gpu-check
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make serve | make test | make lint | make install | make bench-http"
+	@echo "make serve [DEVICE=cuda] | make test | make lint | make install | make bench-http | make gpu-check"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +58,37 @@ $(VENV)/.serve-installed: pyproject.toml constraints.txt | $(BIN)/python
 	touch $@
 
 # make serve SERVE_ARGS="--port 8001 --metrics-port 8090 --front-metrics-port 8091"  (8081 is the front's metrics port)
+# make serve DEVICE=cuda: serve on the GPU from .venv-gpu, which holds onnxruntime-gpu (pinned in the gpu extra,
+# CUDA 13 / cuDNN 9 libraries as pip wheels) and never the CPU onnxruntime; missing artifacts are exported by the
+# CPU venv's Python (torch and the exporter live there). Needs an NVIDIA driver for CUDA 13; without a working
+# CUDA provider `attnserve serve --device cuda` exits at once, saying why.
+DEVICE ?= auto
+GPU_VENV := .venv-gpu
+GPU_BIN := $(GPU_VENV)/bin
+
+$(GPU_BIN)/python:
+	$(PYTHON) -m venv $(GPU_VENV)
+
+$(GPU_VENV)/.gpu-installed: pyproject.toml constraints.txt | $(GPU_BIN)/python
+	$(GPU_BIN)/python -m pip install -q -c constraints.txt -e '.[gpu]'
+	@# The install refuses nothing by itself: check that no CPU onnxruntime came along (the service also checks).
+	$(GPU_BIN)/python -c "from service.runtime.sessions import check_install; check_install()"
+	touch $@
+
+ifeq ($(DEVICE),cuda)
+serve: $(GPU_VENV)/.gpu-installed $(VENV)/.serve-installed
+	ATTNSERVE_EXPORT_PYTHON=$(abspath $(BIN)/python) $(GPU_BIN)/attnserve serve --device cuda $(SERVE_ARGS)
+else
 serve: $(VENV)/.serve-installed
-	$(BIN)/attnserve serve $(SERVE_ARGS)
+	$(BIN)/attnserve serve --device $(DEVICE) $(SERVE_ARGS)
+endif
 
 # Against a running `make serve` (another terminal): the HTTP table of docs/BENCHMARKS.md (bench/http.py).
 bench-http: $(VENV)/.serve-installed
 	$(BIN)/attnserve bench http $(BENCH_ARGS)
+
+# The GPU checks (tests/gpu and the three benchmarks with --device cuda) as one script; see its header and
+# docs/BENCHMARKS.md "GPU". `make gpu-check CHECK_DEVICE=cpu` runs it end to end here (GPU tests skip, short benches).
+CHECK_DEVICE ?= cuda
+gpu-check: $(VENV)/.dev-installed
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --device $(CHECK_DEVICE)

@@ -3,8 +3,9 @@
     python deploy/gen_kuberay.py            # (re)write the files in OUTPUTS
     python deploy/gen_kuberay.py --check    # exit 1 when a committed file is stale (run by the tests)
 
-Writes the RayService (`rayservice.yaml`), the NetworkPolicies that fence its pods (`networkpolicies.yaml`) and
-the template of the Secret that holds the Ray auth token (`auth-secret.yaml`, no token in it).
+Writes the RayService (`rayservice.yaml`, CPU; `rayservice-gpu.yaml`, its GPU variant), the NetworkPolicies
+that fence its pods (`networkpolicies.yaml`) and the template of the Secret that holds the Ray auth token
+(`auth-secret.yaml`, no token in it).
 The Serve config is embedded unchanged as `serveConfigV2`, except for IN_CLUSTER_OVERRIDES below. Pod sizes,
 images, autoscaler bounds and who may reach which port live here, at the top, because the Serve config does not
 describe machines or networks. Plain PyYAML, no attnserve import: it runs anywhere the repository is checked out.
@@ -68,7 +69,8 @@ HEAD = {"cpu": "1", "memory": "4Gi"}
 CPU_WORKER = {"cpu": "2", "memory": "4Gi"}
 GPU_WORKER = {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
 CPU_WORKERS = (1, 1, 4)  # replicas, minReplicas, maxReplicas
-GPU_WORKERS = (0, 0, 2)  # scaled from zero only when a deployment asks for num_gpus
+GPU_WORKERS = (1, 1, 2)  # the GPU variant: one card holds a translator and a classifier replica (gpu_share 0.5)
+MODELS = ("translator", "classifier")  # AppArgs fields = Serve application names = `component` values
 AUTOSCALER = {"cpu": "500m", "memory": "512Mi"}  # KubeRay's defaults for its sidecar, written out
 
 # Every container: no root, no privilege escalation, no capabilities, the runtime's default seccomp profile.
@@ -135,6 +137,22 @@ def serve_config_for_cluster(path: Path = SERVE_CONFIG) -> dict[str, Any]:
     return _merge(yaml.safe_load(path.read_text()), IN_CLUSTER_OVERRIDES)
 
 
+def cuda_variant(serve_config: dict[str, Any]) -> dict[str, Any]:
+    """The Serve config for GPU pods: both models on `device: cuda`, each model deployment asking Ray for its
+    model's `gpu_share` of a GPU. The same rule `attnserve serve --device cuda` applies (service/launch/devices.py:
+    apply; tests/deploy/test_kuberay.py checks they agree)."""
+    out = copy.deepcopy(serve_config)
+    for app in out["applications"]:
+        args = app["args"]
+        for m in MODELS:
+            args[m] = {**args[m], "device": "cuda"}
+        if args.get("component") in MODELS:
+            share = args[args["component"]]["gpu_share"]  # written out in serve_config.yaml
+            for dep in app["deployments"]:
+                dep["ray_actor_options"] = {**dep.get("ray_actor_options", {}), "num_gpus": share}
+    return out
+
+
 def _probe(path: str, port: int, *, period: int, failures: int, delay: int = 10) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": port}, "initialDelaySeconds": delay, "periodSeconds": period,
             "timeoutSeconds": 5, "failureThreshold": failures}
@@ -195,11 +213,16 @@ def _worker_group(name: str, image: str, res: dict[str, str], sizes: tuple[int, 
     }
 
 
-def rayservice(serve_config: dict[str, Any]) -> dict[str, Any]:
+def rayservice(serve_config: dict[str, Any], *, gpu: bool = False) -> dict[str, Any]:
+    """CPU: a CPU image everywhere, CPU workers. GPU (`gpu=True`, with `cuda_variant`'s config): the CUDA image on
+    every pod (Ray needs one Python across the cluster), GPU workers with `nvidia.com/gpu` limits and tolerations."""
+    head_image = IMAGE_GPU if gpu else IMAGE_CPU
+    workers = ([_worker_group("gpu", IMAGE_GPU, GPU_WORKER, GPU_WORKERS)] if gpu
+               else [_worker_group("cpu", IMAGE_CPU, CPU_WORKER, CPU_WORKERS)])
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayService",
-        "metadata": {"name": "attnserve", "labels": dict(LABELS)},
+        "metadata": {"name": "attnserve", "labels": dict(LABELS)},  # either variant: the same RayService
         "spec": {
             "serveConfigV2": dump(serve_config),
             "rayClusterConfig": {
@@ -222,12 +245,9 @@ def rayservice(serve_config: dict[str, Any]) -> dict[str, Any]:
                     # NetworkPolicies decide who gets in.
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(METRICS_PORT)},
-                    "template": _pod(_container("ray-head", IMAGE_CPU, HEAD, head=True), head=True),
+                    "template": _pod(_container("ray-head", head_image, HEAD, head=True), head=True),
                 },
-                "workerGroupSpecs": [
-                    _worker_group("cpu", IMAGE_CPU, CPU_WORKER, CPU_WORKERS),
-                    _worker_group("gpu", IMAGE_GPU, GPU_WORKER, GPU_WORKERS),
-                ],
+                "workerGroupSpecs": workers,
             },
         },
     }
@@ -298,8 +318,10 @@ SECRET_HEADER = f"""\
 
 def render_all(path: Path = SERVE_CONFIG) -> dict[str, str]:
     """{file name under deploy/kuberay/: text} for every generated file."""
+    cluster = serve_config_for_cluster(path)
     return {
-        "rayservice.yaml": HEADER + dump(rayservice(serve_config_for_cluster(path))),
+        "rayservice.yaml": HEADER + dump(rayservice(cluster)),
+        "rayservice-gpu.yaml": HEADER + dump(rayservice(cuda_variant(cluster), gpu=True)),
         "networkpolicies.yaml": HEADER + "---\n".join(dump(p) for p in network_policies()),
         "auth-secret.yaml": HEADER + SECRET_HEADER + dump(auth_secret()),
     }

@@ -21,6 +21,7 @@ from service.runtime.errors import DeviceError
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # pyproject.toml's gpu extra (a test checks they agree): PyPI's 1.31 wheels are built for CUDA 13 and cuDNN 9.
 ORT_GPU_PIN = "onnxruntime-gpu[cuda,cudnn]==1.31.1"
+CUDA_MAJOR = 13  # of that wheel (its [cuda] extra: nvidia-cuda-runtime~=13.0); deploy/docker's CUDA base matches
 GPU_INSTALL = ("install the GPU build in a venv of its own: `make serve DEVICE=cuda` (makes .venv-gpu with "
                f"'.[gpu]': {ORT_GPU_PIN}), on a machine with an NVIDIA driver for CUDA 13")
 

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,8 +21,31 @@ def ray_pin() -> str:
     return next(re.fullmatch(r"ray\[serve\]==(\S+)", d).group(1) for d in serve if d.startswith("ray[serve]"))
 
 
+VARIANTS = ("rayservice.yaml", "rayservice-gpu.yaml")  # CPU and GPU: every test here checks both
+_variant = {"file": VARIANTS[0]}
+
+
+@pytest.fixture(autouse=True, params=VARIANTS)
+def variant(request: pytest.FixtureRequest) -> str:
+    _variant["file"] = request.param
+    return request.param
+
+
 def manifest() -> dict[str, Any]:
-    return yaml.safe_load((DEPLOY / "kuberay" / "rayservice.yaml").read_text())
+    return yaml.safe_load((DEPLOY / "kuberay" / _variant["file"]).read_text())
+
+
+def is_gpu() -> bool:
+    return _variant["file"] == "rayservice-gpu.yaml"
+
+
+def gen() -> Any:
+    sys.path.insert(0, str(DEPLOY))
+    try:
+        import gen_kuberay
+    finally:
+        sys.path.remove(str(DEPLOY))
+    return gen_kuberay
 
 
 def containers(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -38,6 +62,8 @@ def test_committed_manifest_is_what_the_generator_writes() -> None:
 def test_serve_config_is_embedded_unchanged_except_the_bind_address() -> None:
     embedded = yaml.safe_load(manifest()["spec"]["serveConfigV2"])
     local = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    if is_gpu():  # the GPU variant: the same config, put on cuda (checked on its own below)
+        local = gen().cuda_variant(local)
     assert embedded["http_options"] == {**local["http_options"], "host": "0.0.0.0", "port": 8000}
     assert {k: v for k, v in embedded.items() if k != "http_options"} == {
         k: v for k, v in local.items() if k != "http_options"}
@@ -61,12 +87,47 @@ def test_cluster_shape() -> None:
     assert spec["rayVersion"] == ray_pin()
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
-    assert set(groups) == {"cpu", "gpu"}
+    assert set(groups) == ({"gpu"} if is_gpu() else {"cpu"})
     for g in groups.values():
-        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert 1 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
     cs = containers(doc)
-    assert "nvidia.com/gpu" in cs["gpu"]["resources"]["limits"]
-    assert "nvidia.com/gpu" not in cs["cpu"]["resources"]["limits"]
+    pods = pod_specs()
+    images = {c["image"] for c in cs.values()}
+    if is_gpu():
+        assert cs["gpu"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+        assert cs["gpu"]["resources"]["requests"]["nvidia.com/gpu"] == "1"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pods["gpu"]["tolerations"]
+        assert "nvidia.com/gpu" not in cs["head"]["resources"]["limits"]
+        assert images == {"attnserve:0.1.0-gpu"}, "one image (one Python) across the cluster: the CUDA one"
+    else:
+        assert not any("nvidia.com/gpu" in c["resources"]["limits"] for c in cs.values())
+        assert not any("tolerations" in p for p in pods.values())
+        assert images == {"attnserve:0.1.0-cpu"}
+
+
+def test_gpu_variant_puts_both_models_on_cuda_with_their_share_of_one_card() -> None:
+    serve = yaml.safe_load(manifest()["spec"]["serveConfigV2"])
+    local = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    shares = {m: local["applications"][0]["args"][m]["gpu_share"] for m in ("translator", "classifier")}
+    assert 0 < sum(shares.values()) <= 1, "translator and classifier replicas share one card"
+    for app in serve["applications"]:
+        args = app["args"]
+        assert {args[m]["device"] for m in shares} == ({"cuda"} if is_gpu() else {"auto"})
+        for dep in app["deployments"]:
+            gpus = dep["ray_actor_options"].get("num_gpus", 0)
+            expected = shares[args["component"]] if is_gpu() and args["component"] in shares else 0
+            assert gpus == expected, (app["name"], dep["name"], gpus)
+
+
+def test_gpu_variant_is_what_the_launcher_deploys_on_cuda() -> None:
+    """deploy/gen_kuberay.py cannot import attnserve: check its cuda_variant against service/launch/devices.py."""
+    from service.launch import devices
+    from service.launch.local import shared_args
+
+    local = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    launched = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    devices.apply(launched, {"translator": "cuda", "classifier": "cuda"}, shared_args(launched))
+    assert gen().cuda_variant(local) == launched
 
 
 def test_every_pod_has_resources_probes_and_a_named_metrics_port() -> None:
@@ -188,7 +249,8 @@ def test_memory_requested_and_capped_for_pods_and_replicas() -> None:
     for name, res in [*((n, c["resources"]) for n, c in containers(manifest()).items()), ("autoscaler", autoscaler)]:
         assert res["requests"]["memory"] == res["limits"]["memory"], name
     cs = containers(manifest())
-    worker_cpu, worker_mem = float(cs["cpu"]["resources"]["requests"]["cpu"]), cs["cpu"]["resources"]["requests"]
+    worker = cs["gpu" if is_gpu() else "cpu"]
+    worker_cpu, worker_mem = float(worker["resources"]["requests"]["cpu"]), worker["resources"]["requests"]
     worker_mib = mebibytes(worker_mem["memory"])
     serve = yaml.safe_load(manifest()["spec"]["serveConfigV2"])
     for app in serve["applications"]:
