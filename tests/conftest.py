@@ -5,6 +5,8 @@
 - ``tiny_artifacts``: tiny random-weight ViT and translator checkpoints exported to a temp folder, for fast
   unit tests of the exporter and the runtime. Their parity checks run like the real ones; their quality gates
   are off (random weights).
+
+Tests marked ``gpu`` (tests/gpu) run only where ONNX Runtime's CUDA provider works; elsewhere they skip, saying why.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,44 @@ SENTENCES = [
     ("We ate bread and cheese.", "Comimos pan y queso."),
     ("She reads a book every night.", "Ella lee un libro cada noche."),
 ]
+
+
+def cuda_unavailable() -> str | None:
+    """None when ONNX Runtime can run a graph on its CUDA provider here, else why not."""
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        from service.runtime.sessions import CUDA, check_install, device_of, make_session
+    except ImportError as e:
+        return f"cannot import {e.name}"
+    try:
+        check_install()
+    except Exception as e:  # noqa: BLE001 - the message says what to fix
+        return str(e)
+    if CUDA not in ort.get_available_providers():
+        return (f"ONNX Runtime {ort.__version__} has no CUDA provider ({ort.get_available_providers()}): the gpu "
+                "extra (onnxruntime-gpu) and an NVIDIA GPU are needed")
+    h = onnx.helper
+    x = h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    model = h.make_model(h.make_graph([h.make_node("Add", ["x", "x"], ["y"])], "probe", [x],
+                                      [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])]),
+                         opset_imports=[h.make_opsetid("", 17)])
+    model.ir_version = 9
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(model, str(path))
+        session = make_session(path, device="cuda")
+        if device_of([session]) != "cuda":
+            return f"the CUDA provider is installed but does not start (the session got {session.get_providers()})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    reason = cuda_unavailable() if gpu else None
+    for item in gpu if reason else []:
+        item.add_marker(pytest.mark.skip(reason=f"gpu: {reason}"))
 
 
 @pytest.fixture(scope="session")
