@@ -18,7 +18,7 @@ import sys
 from typing import Any
 
 from service.config import REPO_ROOT, AppArgs
-from service.runtime import DeviceError, find_artifact, load_manifest
+from service.runtime import ArtifactError, DeviceError, find_artifact, load_manifest
 from service.runtime.sessions import CUDA, available, check_install, resolve_device
 
 MODELS = ("translator", "classifier")  # AppArgs fields, Serve application names, `component` values
@@ -47,10 +47,12 @@ def probe_cuda(args: AppArgs, model: str) -> str | None:
     """Start the CUDA provider on one of the model's graphs, in a child process (the launcher keeps no CUDA
     context); None when it runs, else why not."""
     cfg = getattr(args, model)
-    folder = find_artifact(args.resolved_root(), cfg.name, cfg.version)
-    manifest = load_manifest(folder)
-    graphs = manifest.graphs[cfg.precision]
-    graph = folder / graphs[next(iter(graphs))].file
+    try:
+        folder = find_artifact(args.resolved_root(), cfg.name, cfg.version)
+        manifest = load_manifest(folder)
+        graph = folder / manifest.graph(cfg.precision, next(iter(manifest.graphs.get(cfg.precision, {})), "")).file
+    except ArtifactError as e:
+        return f"no graph to try it on: {e}"
     r = subprocess.run([sys.executable, "-c", _PROBE, str(graph), cfg.cuda.model_dump_json()],
                        capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     if r.returncode != 0:

@@ -145,3 +145,20 @@ def test_decide_keeps_auto_for_the_probe_and_checks_cuda_at_once() -> None:
     if not HAS_CUDA:
         assert devices.settle(config, args, {"translator": "auto", "classifier": "auto"}) == {
             "translator": "cpu", "classifier": "cpu"}
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="ONNX Runtime here has the CUDA provider")
+def test_the_cuda_probe_reports_a_cpu_fallback_and_cuda_then_fails_at_start() -> None:
+    """The probe's child process asks for the CUDA provider on a real graph; ORT falls back to the CPU (a log line
+    only), and the probe says so. Settling `cuda` on that is an error, `auto` becomes cpu."""
+    args = shared_args(shipped_config())
+    try:
+        find_artifact(args.resolved_root(), args.classifier.name)
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"no exported classifier: {e}")
+    assert devices.probe_cuda(args, "classifier") == (
+        "the session got ['CPUExecutionProvider'], not CUDAExecutionProvider")
+    with pytest.raises(DeviceError, match="device 'cuda' for the translator, but the CUDA provider does not start"):
+        devices.settle(shipped_config(), args, {"translator": "cuda", "classifier": "cpu"})
+    absent = args.model_copy(update={"classifier": args.classifier.model_copy(update={"version": "no-such-version"})})
+    assert devices.probe_cuda(absent, "classifier").startswith("no graph to try it on: ")
