@@ -7,6 +7,7 @@ What needs a GPU lives in tests/gpu (marker `gpu`); these run everywhere. The CL
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from service.config import AppArgs
 from service.launch import devices
 from service.launch.local import shared_args
 from service.runtime import ClassifierRuntime, DeviceError, find_artifact
-from service.runtime.sessions import CUDA, ORT_GPU_PIN, CudaOptions, installed_onnxruntimes
+from service.runtime.sessions import CUDA, CUDA_MAJOR, ORT_GPU_PIN, CudaOptions, installed_onnxruntimes
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "deploy" / "serve_config.yaml"
@@ -162,3 +163,21 @@ def test_the_cuda_probe_reports_a_cpu_fallback_and_cuda_then_fails_at_start() ->
         devices.settle(shipped_config(), args, {"translator": "cuda", "classifier": "cpu"})
     absent = args.model_copy(update={"classifier": args.classifier.model_copy(update={"version": "no-such-version"})})
     assert devices.probe_cuda(absent, "classifier").startswith("no graph to try it on: ")
+
+
+@pytest.mark.slow
+def test_the_gpu_extra_resolves_to_onnxruntime_gpu_with_cuda_13_libraries_and_no_cpu_onnxruntime(tmp_path) -> None:
+    """pip's own resolver, as `make serve DEVICE=cuda` runs it (a dry run: metadata only, nothing installed)."""
+    report = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--report", str(report), "-c", "constraints.txt", ".[gpu]"],
+                       cwd=REPO, capture_output=True, text=True, timeout=900)
+    if r.returncode != 0 and re.search(r"(?i)connection|network|timed out|temporary failure", r.stderr):
+        pytest.skip(f"the package index is not reachable: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    assert "onnxruntime" not in got, "the gpu extra must not bring the CPU onnxruntime"
+    assert got["onnxruntime-gpu"] == ORT_GPU_PIN.split("==")[1]
+    assert got["nvidia-cuda-runtime"].split(".")[0] == str(CUDA_MAJOR), got
+    assert "nvidia-cudnn-cu13" in got and got["nvidia-cudnn-cu13"].startswith("9."), got
+    assert not any(n.startswith("torch") for n in got)
