@@ -148,7 +148,7 @@ if want engine; then
 fi
 
 if want runtime; then
-  if [ $quick = 1 ]; then args=(--quick --sentences 8 --no-notes); else args=(--seconds 2 --no-notes); fi
+  if [ $quick = 1 ]; then args=(--quick --sentences 8 --no-notes --no-export); else args=(--seconds 2 --no-notes --no-export); fi
   # shellcheck disable=SC2086
   bench runtime 60 "$OUT/bench-runtime.txt" "${args[@]}" ${RUNTIME_ARGS:-}
 fi
