@@ -158,7 +158,7 @@ if want http; then
   port=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   mport=$("$PY" -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   env -u RAY_AUTH_MODE -u RAY_AUTH_TOKEN -u RAY_AUTH_TOKEN_PATH "$PY" -m service.cli serve --device "$device" \
-    --port "$port" --metrics-port "$mport" --front none --no-export > "$OUT/serve.log" 2>&1 &
+    --port "$port" --metrics-port "$mport" --admission-front none --no-export > "$OUT/serve.log" 2>&1 &
   serve_pid=$!
   t0=$SECONDS
   until grep -q "Ctrl-C to stop" "$OUT/serve.log"; do

@@ -32,9 +32,9 @@ HAS_CUDA = CUDA in ort.get_available_providers()
 
 def serve(*args: str, pythonpath: list[Path] = ()) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*pythonpath, REPO]))}
-    # --front none: nothing to find or start; the checks come before Ray in any case.
-    return subprocess.run([sys.executable, "-m", "service.cli", "serve", "--front", "none", "--no-export", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    # --admission-front none: nothing to find or start; the checks come before Ray in any case.
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--admission-front", "none", "--no-export", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="ONNX Runtime here has the CUDA provider: tests/gpu covers serving on it")

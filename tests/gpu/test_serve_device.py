@@ -38,7 +38,7 @@ def test_serve_device_end_to_end(device: str, service_artifacts: Path, tmp_path:
            if k not in ("ATTNSERVE_ARTIFACTS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--config", str(tmp_path / "serve_config.yaml"),
-           "--port", str(port), "--metrics-port", str(metrics_port), "--front", "none", "--no-export",
+           "--port", str(port), "--metrics-port", str(metrics_port), "--admission-front", "none", "--no-export",
            "--device", device]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=out,

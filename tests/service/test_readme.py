@@ -31,6 +31,8 @@ NOT_HERE: dict[str, str] = {
     "make serve": "starts the service itself: this test runs against the same `attnserve serve`, started by the "
                   "session fixture on free ports",
     "make test": "the whole test suite, this test included",
+    "make serve DEVICE=cuda": "needs an NVIDIA GPU; tests/deploy/test_gpu_install.py checks the GPU install, and "
+                              "tests/gpu/test_serve_device.py serves with --device cuda where a GPU is",
     # deploy/README.md
     "pip install -c constraints.txt '.[serve]'": "installs into the running environment",
     "attnserve export": "minutes of torch; the session's artifacts fixture (tests/conftest.py) runs it",
@@ -41,11 +43,12 @@ NOT_HERE: dict[str, str] = {
     "serve status --address http://127.0.0.1:8265": RAY_CLUSTER,
     "python deploy/gen_kuberay.py": "rewrites deploy/kuberay/ in the checkout; tests/deploy/test_kuberay.py checks "
                                     "the committed files equal its output",
-    "docker buildx build -f deploy/docker/Dockerfile --build-context data=../shared/data -t attnserve:0.1.0-cpu .":
+    "docker buildx build -f deploy/docker/Dockerfile --build-context data=../shared/data --target serve-cpu "
+    "-t attnserve:0.1.0-cpu .":
         "needs a Docker engine (none on the project's machines); tests/deploy checks the Dockerfile's references",
-    "docker buildx build -f deploy/docker/Dockerfile --build-context data=../shared/data "
-    "--build-arg VARIANT=gpu --build-arg EXTRA=gpu --build-arg PRECISIONS=fp32,fp16 -t attnserve:0.1.0-gpu .":
-        "needs a Docker engine and the GPU image",
+    "docker buildx build -f deploy/docker/Dockerfile --build-context data=../shared/data --target serve-gpu "
+    "--build-arg PRECISIONS=fp32,fp16 -t attnserve:0.1.0-gpu .":
+        "needs a Docker engine (tests/deploy/test_docker.py checks the GPU stage statically)",
     "helm repo add kuberay https://ray-project.github.io/kuberay-helm/": KUBERNETES,
     "helm install kuberay-operator kuberay/kuberay-operator -n kuberay-system --create-namespace": KUBERNETES,
     'kubectl create secret generic attnserve-ray-auth --from-literal=auth_token="$(openssl rand -hex 32)"': KUBERNETES,
