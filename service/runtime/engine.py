@@ -212,14 +212,15 @@ class Engine:
         rows = self.reserved + sum(s.beam_size for s in batch)
         self.b.fit(self.live, rows, self._positions_needed(), max(len(s.src_ids) for s in [*batch, *self.running]))
         self._encoder_maps([s for s in batch if s.encoder_align is not None])
-        for seq in batch:
-            seq.rows = [self.live]  # a beam sequence's k rows come after its first step (`_expand`)
-            self.owner[self.live] = seq
-            self.live += 1
         for group in length_groups([len(s.src_ids) for s in batch], self.settings.encoder_padding):
             seqs = [batch[i] for i in group]
+            start = self.live
+            for seq in seqs:  # one row each, a group's rows together: its keys/values land as one block
+                seq.rows = [self.live]  # a beam sequence's k rows come after its first step (`_expand`)
+                self.owner[self.live] = seq
+                self.live += 1
             cross = self.step_graph.encode([s.src_ids for s in seqs])  # (L, 2, n, nh, S, hs), where the state is
-            self.b.write_sources(cross, np.arange(len(seqs)), np.array([s.rows[0] for s in seqs]),
+            self.b.write_sources(cross, np.arange(len(seqs)), np.arange(start, self.live),
                                  np.array([len(s.src_ids) for s in seqs]))
         for seq in batch:
             k = seq.beam_size

@@ -122,8 +122,12 @@ class SlotBuffers:
         """The encoder's output ``cross`` (L, 2, b, nh, S', hs) into ``rows``: row rows[i] decodes source
         which[i], whose real length is lengths[i]."""
         s = cross.shape[4]
-        for i, buf in enumerate(self.cross):
-            buf[rows, :, :s] = cross[i // 2, i % 2][which]  # past s: stale values, masked
+        block = len(rows) == cross.shape[2] and (np.diff(rows) == 1).all() and (which == np.arange(len(rows))).all()
+        for i, buf in enumerate(self.cross):  # past s: stale values, masked
+            if block:  # the engine's case: a plain block copy (fancy indexing measured ~10% of int8 engine CPU)
+                buf[rows[0] : rows[0] + len(rows), :, :s] = cross[i // 2, i % 2]
+            else:
+                buf[rows, :, :s] = cross[i // 2, i % 2][which]
         self.src_mask[rows] = np.arange(self.src_len) < lengths[:, None]
 
     def write_step(self, n: int) -> None:
