@@ -5,8 +5,8 @@ blocks (```python) are run whole, against the session's `attnserve serve` (tests
 `make serve`: `localhost:8000` and `127.0.0.1:8000` become its address, `attnserve` runs this checkout's CLI,
 curl gets `--fail-with-body` (so a 4xx/5xx fails the command), and each runs from a scratch folder that links
 the repository's top-level entries (files a command writes stay there). A command that cannot run here is in
-NOT_HERE with the reason; a command in neither list fails the test, and so does a NOT_HERE entry that is no longer
-in the README (the list cannot go stale).
+NOT_HERE with the reason; a command that is in neither (or starts with a program outside RUNNABLE) fails the
+test, and so does a NOT_HERE entry that is no longer in the README (the list cannot go stale).
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ NOT_HERE: dict[str, str] = {
     ".venv/bin/python -m pytest tests/deploy -s": "the deploy test suite, part of `make test`",
 }
 NEEDS = {"promtool": "promtool"}  # a command starting with the key runs where the tool is installed (`make tools`)
+# Programs this test runs; a command starting with anything else (make, pip, a server...) is never run blindly:
+# it fails the test until it is added here or to NOT_HERE with its reason.
+RUNNABLE = ("curl", "attnserve", "promtool")
 
 
 def blocks(text: str, languages: tuple[str, ...]) -> list[str]:
@@ -116,6 +119,10 @@ def strip_comment(line: str) -> str:
     return line.strip()
 
 
+def program_of(command: str) -> str:
+    return re.sub(r"^\(cd \S+ && ", "", command).split()[0]
+
+
 def readme_commands() -> list[tuple[str, str]]:
     return [(name, cmd) for name in READMES
             for body in blocks((REPO / name).read_text(), ("bash", "sh", "shell"))
@@ -161,14 +168,20 @@ def test_commands_are_found_and_the_skip_list_is_current():
     stale = [cmd for cmd in NOT_HERE if cmd not in found]
     assert not stale, f"NOT_HERE lists commands no longer in the READMEs: {stale}"
     assert python_blocks(), "no Python block found"
+    # A new command of an unknown kind is refused, not run: `make serve DEVICE=cuda` would install and serve.
+    assert program_of("make serve DEVICE=cuda") not in RUNNABLE
+    assert program_of("(cd deploy/prometheus && promtool test rules alerts_test.yml)") == "promtool"
+    split = shell_commands("curl -s a -d '{\"x\": 1,\n  \"y\": 2}'  # c\nattnserve translate Hi \\\n  --beam 2\n")
+    assert split == ["curl -s a -d '{\"x\": 1,\n\"y\": 2}'", "attnserve translate Hi --beam 2"], split
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("readme", "command"), [c for c in readme_commands() if c[1] not in NOT_HERE],
                          ids=lambda x: x if x in READMES else x[:60])
 def test_readme_command_runs(readme: str, command: str, service, workdir: Path):
-    tool = next((t for prefix, t in NEEDS.items() if command.lstrip("(").split()[0] == prefix
-                 or f"&& {prefix}" in command), None)
+    program = program_of(command)
+    assert program in RUNNABLE, f"{readme}: `{command}` is neither known to run here ({RUNNABLE}) nor in NOT_HERE"
+    tool = NEEDS.get(program)
     if tool and not shutil.which(tool):
         pytest.skip(f"{tool} not on PATH (`make tools` installs it)")
     done = run(as_run_here(command, service), workdir, service)
