@@ -70,7 +70,7 @@ NOT_HERE: dict[str, str] = {
 NEEDS = {"promtool": "promtool"}  # a command starting with the key runs where the tool is installed (`make tools`)
 # Programs this test runs; a command starting with anything else (make, pip, a server...) is never run blindly:
 # it fails the test until it is added here or to NOT_HERE with its reason.
-RUNNABLE = ("curl", "attnserve", "promtool")
+RUNNABLE = ("curl", "attnserve translate", "attnserve classify", "attnserve --version", "attnserve --help", "promtool")
 
 
 def blocks(text: str, languages: tuple[str, ...]) -> list[str]:
@@ -120,7 +120,9 @@ def strip_comment(line: str) -> str:
 
 
 def program_of(command: str) -> str:
-    return re.sub(r"^\(cd \S+ && ", "", command).split()[0]
+    """The program a command runs (for attnserve, with its subcommand: `attnserve serve` is not run blindly)."""
+    words = re.sub(r"^\(cd \S+ && ", "", command).split()
+    return " ".join(words[:2]) if words[0] == "attnserve" else words[0]
 
 
 def readme_commands() -> list[tuple[str, str]]:
@@ -170,6 +172,8 @@ def test_commands_are_found_and_the_skip_list_is_current():
     assert python_blocks(), "no Python block found"
     # A new command of an unknown kind is refused, not run: `make serve DEVICE=cuda` would install and serve.
     assert program_of("make serve DEVICE=cuda") not in RUNNABLE
+    assert program_of("attnserve serve --device cuda") not in RUNNABLE
+    assert program_of("attnserve classify x.png --png o.png") in RUNNABLE
     assert program_of("(cd deploy/prometheus && promtool test rules alerts_test.yml)") == "promtool"
     split = shell_commands("curl -s a -d '{\"x\": 1,\n  \"y\": 2}'  # c\nattnserve translate Hi \\\n  --beam 2\n")
     assert split == ["curl -s a -d '{\"x\": 1,\n\"y\": 2}'", "attnserve translate Hi --beam 2"], split
