@@ -24,10 +24,12 @@ from service.protocols.v1.schemas import (
     Translation,
 )
 from service.runtime import ClassifierRuntime, TranslatorRuntime, find_artifact
+from service.runtime.sessions import resolve_device
 
 args = AppArgs()
 root = args.resolved_root()
-device = os.environ.get("ATTNSERVE_BASELINE_DEVICE", "cpu")  # "cuda" without the provider: DeviceError at start
+# "cuda" without the provider: DeviceError at start, before any artifact is looked up
+device = resolve_device(os.environ.get("ATTNSERVE_BASELINE_DEVICE", "cpu"))
 translator = TranslatorRuntime(find_artifact(root, args.translator.name), precision="fp32", device=device)
 classifier = ClassifierRuntime(find_artifact(root, args.classifier.name), precision="fp32", device=device)
 app = FastAPI(title="baseline")
