@@ -98,6 +98,7 @@ def error_files(retry_after_s: int) -> dict[int, bytes]:
     }
 
 
+DIRECT_ENV = "ATTNSERVE_FRONT_DIRECT"  # "0": no direct path, /v1 through Serve's proxy too (to compare, or a fallback)
 ADMIN_SOCKET = "admin.sock"  # HAProxy's runtime API, in the front's folder
 DIRECT_SERVER = "direct"  # the backend's slots for the replicas' direct-ingress ports: direct1, direct2, ...
 PROXY_SERVER = "serve"  # Serve's proxy: the backup, and v2's way in
@@ -295,6 +296,9 @@ class Front:
         """Keep the direct slots on the running replicas: `targets()` maps a route prefix to the replicas'
         direct-ingress (host, port), polled every `interval_s` (replicas come and go with autoscaling and
         restarts; between polls HAProxy's health checks take a gone replica out within a second)."""
+
+        if os.environ.get(DIRECT_ENV) == "0":
+            return  # every request through Serve's proxy, as before the direct path
 
         def loop() -> None:
             while not self._following.wait(interval_s):
