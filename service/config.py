@@ -18,6 +18,13 @@ from service.runtime.manifest import NAME_PATTERN  # names and versions are arti
 from service.runtime.sessions import CudaOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The Serve application names (and `component`s) of the model apps in deploy/serve_config.yaml; the third is "api".
+TRANSLATOR_APP, CLASSIFIER_APP = "translator", "classifier"
+MODEL_APPS = (TRANSLATOR_APP, CLASSIFIER_APP)
+# Requests a model replica takes from the proxy: far above `max_pending`, so the replica's Gate answers overload
+# with its JSON 503 instead of the proxy queueing. deploy/serve_config.yaml says the same (a unit test checks).
+MODEL_MAX_ONGOING_REQUESTS = 1024
+PROBE_TIMEOUT_S = 2.0  # readiness and model-info calls from the api app to the model apps
 
 
 class _Strict(BaseModel):
@@ -109,10 +116,11 @@ class AppArgs(_Strict):
 
 
 class BatchSettings(_Strict):
-    """A model deployment's `user_config`: applied live by `reconfigure()`, no restart."""
+    """The classifier deployment's `user_config`, applied live by `reconfigure()`, no restart. These defaults are
+    the ones deploy/serve_config.yaml ships (the decorator's @serve.batch starts from them too)."""
 
-    max_batch_size: int = Field(16, ge=1, le=256, description="requests merged by @serve.batch")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1, description="wait for a fuller batch at most this long")
+    max_batch_size: int = Field(32, ge=1, le=256, description="requests merged by @serve.batch")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=1, description="wait for a fuller batch at most this long")
     max_batch_items: int = Field(64, ge=1, le=1024, description="texts/images per model call; bigger batches are split")
 
 

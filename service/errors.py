@@ -91,6 +91,12 @@ class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 
 
+class NotFound(ServiceError):
+    """An unknown model or model version (an unknown route is the router's 404)."""
+
+    status, code = 404, "not_found"
+
+
 def field_path(loc: Sequence[str | int]) -> str:
     """Pydantic `loc` -> "texts[3]" (the leading "body" dropped: every field is in the body)."""
     parts = list(loc[1:] if loc and loc[0] == "body" else loc)
@@ -135,9 +141,17 @@ def to_response(exc: BaseException) -> tuple[JSONResponse, str]:
     return JSONResponse(error_body(code, message, field), status, headers=headers), code
 
 
-def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None] | None = None) -> None:
+ErrorForm = Callable[[BaseException], tuple[Any, str]]
+
+
+def install_handlers(app: FastAPI, on_error: Callable[[Request, str], None] | None = None,
+                     form: Callable[[str], ErrorForm] | None = None) -> None:
+    """Every exception of `app` answered by `to_response`, or by the error form `form(path)` picks for the
+    request's path (the v2 routes answer in their protocol's form, also the router's 404 and 405)."""
+
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        response, code = to_response(exc)
+        respond = to_response if form is None else form(request.scope["path"][len(request.scope.get("root_path", "")):])
+        response, code = respond(exc)
         if on_error is not None:
             on_error(request, code)
         return response

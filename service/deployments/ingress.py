@@ -1,8 +1,11 @@
-"""The `api` app at "/": /v1/models, /healthz, /readyz and the OpenAPI docs for every route.
+"""The `api` app at "/": /v1/models, /healthz, /readyz, the v2 protocol's routes, the demo and the OpenAPI docs.
 
 It is off the hot path: /v1/translate and /v1/classify go straight from Serve's proxy to the model
-deployments (their own ingresses). It reaches them through deployment handles for readiness and model info.
+deployments (their own ingresses). It reaches them through deployment handles for readiness, model info and
+v2 inference. Its FastAPI app is built per replica from the args (`__serve_build_asgi_app__`), no module state.
 """
+
+from __future__ import annotations
 
 import asyncio
 from typing import Any
@@ -11,90 +14,104 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from service.config import AppArgs
-from service.deployments import classifier, translator
+from service.config import MODEL_APPS, PROBE_TIMEOUT_S, AppArgs
 from service.errors import NotReady
 from service.protocols import demo
-from service.protocols.asgi import RouteSettings, make_api
+from service.protocols.asgi import RouteSettings, document_auth, make_api
+from service.protocols.v1 import classify as v1_classify
+from service.protocols.v1 import translate as v1_translate
 from service.protocols.v1.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
-from service.protocols.v2.routes import configure as configure_v2
-from service.protocols.v2.routes import error_response as v2_error_response
-from service.protocols.v2.routes import install as install_v2
+from service.protocols.v2.routes import V2Config, build_router, error_response
+from service.protocols.v2.specs import ModelSpec, classifier_spec, translator_spec
+from service.runtime import find_artifact, load_manifest
 
-# The Serve application names of the model apps, as in deploy/serve_config.yaml.
-MODEL_APPS = {"translator": translator, "classifier": classifier}
-PROBE_TIMEOUT_S = 2.0
-route = RouteSettings("/", paths=frozenset({"/", "/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"}),
-                      media_types=())  # GET only: a POST is a 405 from the router
-api = make_api("attnserve", route)  # /docs and /openapi.json are explicit routes below
-api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
-install_v2(api)  # the Open Inference Protocol v2 routes under /v2: service/protocols/v2/routes.py
-demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/protocols/demo.py
+PATHS = frozenset({"/", "/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"})
 
 
-def merged_openapi() -> dict[str, Any]:
-    """One OpenAPI document: this app's routes plus the model apps' routes under their prefixes."""
-    if _merged:
-        return _merged
-    api.openapi_schema = None
+def load_specs(args: AppArgs) -> dict[str, ModelSpec]:
+    """The v2 face of each model, from its artifact's manifest (the version the model app serves)."""
+    root = args.resolved_root()
+    out = {}
+    for cfg, build in ((args.translator, translator_spec), (args.classifier, classifier_spec)):
+        out[cfg.name] = build(load_manifest(find_artifact(root, cfg.name, cfg.version), verify=False))
+    return out
+
+
+def merged_openapi(args: AppArgs, api: FastAPI) -> dict[str, Any]:
+    """One OpenAPI document: the `api` app's routes plus the model apps' routes under their prefixes."""
     doc = FastAPI.openapi(api)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    for module in MODEL_APPS.values():
-        sub = module.api.openapi()
+    model_apis = {v1_translate.ROUTE: v1_translate.build_api(None, RouteSettings(v1_translate.ROUTE)),
+                  v1_classify.ROUTE: v1_classify.build_api(None, RouteSettings(
+                      v1_classify.ROUTE, media_types=v1_classify.MEDIA_TYPES), args.limits)}
+    for route, sub_api in model_apis.items():
+        sub = sub_api.openapi()
         for path, ops in sub.get("paths", {}).items():
-            doc["paths"][module.ROUTE + path.rstrip("/")] = ops
+            doc["paths"][route + path.rstrip("/")] = ops
         schemas.update(sub.get("components", {}).get("schemas", {}))
     schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, sub_schema in schemas["ErrorResponse"].pop("$defs", {}).items():
         schemas[name] = sub_schema
-    _merged.update(doc)
-    return doc
+    settings = RouteSettings.for_app("/", "api", args)
+    return document_auth(doc, settings) if settings.tokens else doc
 
 
-
-_merged: dict[str, Any] = {}
-
-
-@serve.deployment(name="Api", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
-@serve.ingress(api)
-class Api:
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.args = AppArgs.model_validate(args)
-        route.configure("api", self.args)
-        route.paths = route.paths | configure_v2(self.args)
-        route.error_forms = {"/v2": v2_error_response}  # 401/413/415 on v2 paths in the protocol's form
-
-    async def _call_all(self, method: str) -> list[Any]:
-        try:
-            handles = [serve.get_app_handle(name) for name in MODEL_APPS]
-            calls = [getattr(h, method).remote() for h in handles]
-            async with asyncio.timeout(PROBE_TIMEOUT_S):
-                return list(await asyncio.gather(*calls))
-        except Exception as e:  # not deployed yet, starting, or unhealthy: all mean "not ready"
-            raise NotReady(f"model apps not ready: {type(e).__name__}: {e}") from None
+def build_api(replica: Api | None, args: AppArgs, v2: V2Config) -> FastAPI:
+    """The `api` app of one replica (`replica` None: only for its OpenAPI document)."""
+    settings = RouteSettings.for_app("/", "api", args, paths=PATHS | v2.paths(), media_types=(),
+                                     error_forms={"/v2": error_response})  # v2 paths answer in the v2 form
+    api = make_api("attnserve", settings)  # /docs and /openapi.json are explicit routes below
+    api.description = "Transformer translation (en->es) and ViT classification, with attention on request."
+    api.include_router(build_router(v2))  # the Open Inference Protocol v2 routes under /v2
+    demo.install(api)  # GET / (the web demo) and /static/... (its files, Swagger UI's): service/protocols/demo.py
+    merged: dict[str, Any] = {}
 
     @api.get("/healthz", response_model=Health, summary="The API process is alive")
-    async def healthz(self) -> Health:
+    async def healthz() -> Health:
         return Health(status="ok")
 
     @api.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}},
              summary="Both models are loaded and warmed up")
-    async def readyz(self) -> Health:
-        await self._call_all("ready")
+    async def readyz() -> Health:
+        assert replica is not None
+        await replica.call_all("ready")
         return Health(status="ready")
 
     @api.get("/v1/models", response_model=ModelsResponse, responses={503: {"model": ErrorResponse}},
              summary="Served models, versions, labels and request limits")
-    async def models(self) -> ModelsResponse:
-        infos = await self._call_all("info")
-        return ModelsResponse(models=[ModelInfo(**i) for i in infos],
-                              limits=LimitsInfo(**self.args.limits.model_dump()))
+    async def models() -> ModelsResponse:
+        assert replica is not None
+        infos = await replica.call_all("info")
+        return ModelsResponse(models=[ModelInfo(**i) for i in infos], limits=LimitsInfo(**args.limits.model_dump()))
 
     @api.get("/openapi.json", include_in_schema=False)
-    async def openapi(self) -> JSONResponse:
-        return JSONResponse(merged_openapi())
+    async def openapi() -> JSONResponse:
+        if not merged:
+            merged.update(merged_openapi(args, api))
+        return JSONResponse(merged)
 
     @api.get("/docs", include_in_schema=False)
-    async def docs(self) -> HTMLResponse:
+    async def docs() -> HTMLResponse:
         return demo.docs_page()  # Swagger UI from local files: no CDN
+
+    return api
+
+
+@serve.deployment(name="Api", max_ongoing_requests=100, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress()
+class Api:
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.args = AppArgs.model_validate(args)
+        self.v2 = V2Config.from_args(self.args, load_specs(self.args))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self, self.args, self.v2)
+
+    async def call_all(self, method: str) -> list[Any]:
+        try:
+            calls = [getattr(self.v2.handle(name), method).remote() for name in MODEL_APPS]
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                return list(await asyncio.gather(*calls))
+        except Exception as e:  # not deployed yet, starting, or unhealthy: all mean "not ready"
+            raise NotReady(f"model apps not ready: {type(e).__name__}: {e}") from None
 

@@ -1,4 +1,5 @@
-"""HTTP plumbing shared by the three Serve apps: body cap, per-request metrics, admission control, deadlines."""
+"""HTTP plumbing shared by the three Serve apps: body cap, auth, per-request metrics, error bodies, the deadline
+header. Admission control is the replica's (service/deployments/admission.py); `Observed` only asks it."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ import email.message
 import hmac
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 
@@ -18,9 +18,7 @@ from service.config import AppArgs
 from service.errors import (
     BodyTooLarge,
     ClientDisconnected,
-    DeadlineExceeded,
     InvalidRequest,
-    Overloaded,
     Unauthorized,
     UnsupportedMediaType,
     install_handlers,
@@ -28,10 +26,35 @@ from service.errors import (
 )
 from service.metrics import metrics
 
-T = TypeVar("T")
 TIMEOUT_HEADER = "x-timeout-ms"  # a client may shorten (never extend) the route's deadline
+# Every route with a body is a POST: other methods go to the router unread, which answers 405 with Allow.
+BODY_METHODS = frozenset({"POST"})
+BEARER_SCHEME = {"bearerAuth": {"type": "http", "scheme": "bearer",
+                                "description": "An API token (config `auth`); only when tokens are configured."}}
 
-BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+class Admission(Protocol):
+    """What `Observed` asks a model replica's admission gate (service/deployments/admission.py: Gate)."""
+
+    def check(self, cost: int = 1) -> None: ...
+
+
+ErrorForm = Callable[[BaseException], tuple[Any, str]]
+
+
+def client_timeout_s(headers: Mapping[str, str]) -> float | None:
+    """The deadline a client asks for with X-Timeout-Ms, in seconds (None: not asked); the replica caps it."""
+    raw = headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = math.nan
+    if not (math.isfinite(ms) and ms > 0):
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive, finite number of milliseconds (it shortens, "
+                             f"never extends, the model's deadline), got {raw!r}", field=TIMEOUT_HEADER)
+    return ms / 1000
 
 
 def _error(desc: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -77,7 +100,7 @@ def make_api(title: str, settings: RouteSettings, *, docs: bool = False) -> Fast
         if scope is not None:
             scope["code"] = code
 
-    install_handlers(app, on_error)
+    install_handlers(app, on_error, settings.error_form)
     app.add_middleware(Observed, settings=settings)
 
     def openapi() -> dict[str, Any]:
@@ -104,12 +127,24 @@ def document_contract(doc: dict[str, Any], settings: RouteSettings) -> dict[str,
             params = op.setdefault("parameters", [])
             if all(p.get("name") != DEADLINE_PARAMETER["name"] for p in params):
                 params.append(DEADLINE_PARAMETER)
+    return document_auth(doc, settings) if settings.tokens else doc
+
+
+def document_auth(doc: dict[str, Any], settings: RouteSettings, prefix: str = "") -> dict[str, Any]:
+    """With API tokens on: the bearer scheme, and `security` on every operation that is not public."""
+    doc.setdefault("components", {}).setdefault("securitySchemes", {}).update(BEARER_SCHEME)
+    for path, ops in doc.get("paths", {}).items():
+        if settings.is_public(prefix + path):
+            continue
+        for op in ops.values():
+            if isinstance(op, dict) and "responses" in op:
+                op["security"] = [{"bearerAuth": []}]
     return doc
 
 
 @dataclass
 class RouteSettings:
-    """What `Observed` needs, filled in by the deployment's __init__ (the FastAPI app is built at import)."""
+    """What `Observed` needs, built with the app by the deployment that serves it (`for_app`)."""
 
     route: str
     model: str = "unknown"
@@ -119,21 +154,27 @@ class RouteSettings:
     media_types: tuple[str, ...] = ("application/json",)
     tokens: tuple[bytes, ...] = ()  # API bearer tokens (config AuthArgs); () = authentication off
     public: tuple[str, ...] = ()  # paths (or prefixes ending in /) that need no token
-    gate: Gate | None = None  # a model replica's admission: a full replica refuses before reading the body
+    gate: Admission | None = None  # a model replica's admission: a full replica refuses before reading the body
     # Path prefix -> error responder for routes that speak another protocol's error form (the v2 API).
-    error_forms: dict[str, Callable[[BaseException], tuple[Any, str]]] = field(default_factory=dict)
+    error_forms: dict[str, ErrorForm] = field(default_factory=dict)
 
-    def configure(self, model: str, args: AppArgs, gate: Gate | None = None) -> None:
-        """What the deployment knows only at start: its model name, body cap, API tokens and admission gate."""
-        self.model, self.max_body_bytes, self.gate = model, args.limits.max_body_bytes, gate
-        self.tokens = args.auth.tokens()
+    @classmethod
+    def for_app(cls, route: str, model: str, args: AppArgs, **kw: Any) -> RouteSettings:
+        """A deployment's settings from its args: model name, body cap, API tokens (read now), public paths."""
         # Public paths are the api app's (mounted at "/"): in a model app, "/" is the model route itself.
-        self.public = args.auth.public_paths() if self.route == "/" else ()
+        return cls(route, model=model, max_body_bytes=args.limits.max_body_bytes, tokens=args.auth.tokens(),
+                   public=args.auth.public_paths() if route == "/" else (), **kw)
+
+    def is_public(self, path: str) -> bool:
+        return any(path == p or (p.endswith("/") and p != "/" and path.startswith(p)) for p in self.public)
+
+    def error_form(self, path: str) -> ErrorForm:
+        """The error responder of a path: another protocol's form under its prefix, else the service's."""
+        return next((f for p, f in self.error_forms.items() if path.startswith(p)), to_response)
 
     def check_auth(self, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         """401 unless authentication is off, the path is public, or a configured bearer token is sent."""
-        if not self.tokens or any(path == p or (p.endswith("/") and p != "/" and path.startswith(p))
-                                  for p in self.public):
+        if not self.tokens or self.is_public(path):
             return
         given = dict(headers).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
@@ -195,9 +236,7 @@ class Observed:
             if state["started"]:  # too late for an error response: count it and let the server close the stream
                 state["code"] = "internal_error"
                 raise
-            path = scope["path"][len(root):]
-            form = next((f for p, f in self.settings.error_forms.items() if path.startswith(p)), to_response)
-            response, state["code"] = form(e)
+            response, state["code"] = self.settings.error_form(scope["path"][len(root):])(e)
             await response(scope, receive, send_observed)
         finally:
             self._record(state, self.settings.tag(scope["path"]), time.perf_counter() - t0)
@@ -268,89 +307,3 @@ def _replay(body: bytes, receive_more: Callable[[], Awaitable[dict]]) -> Callabl
                 return message
 
     return receive
-
-
-class Gate:
-    """Admission control and deadline for one replica.
-
-    A request is admitted only while the replica holds fewer than `max_pending` requests and their summed cost
-    stays within `max_pending_cost` (the translator's cost is texts x beam_size x max_new_tokens, a bound on
-    the decoder rows it will take; the classifier's is its image count). Otherwise it is refused at once with
-    503 + Retry-After, in the service's JSON error format (Serve's own `max_queued_requests` rejection, earlier
-    in the proxy, is plain text: it is the backstop). A request dearer than the whole budget is still admitted
-    into an idle replica, so the per-request limits, not the budget, decide what can ever run.
-
-    Callers admit before any per-request work (tokenizing, image decoding) with `admit`, so a refused request
-    costs the replica almost nothing. The deadline covers queueing and inference; the client may shorten it
-    with the `X-Timeout-Ms` header.
-    """
-
-    def __init__(self, *, max_pending: int, timeout_s: float, retry_after_s: int,
-                 max_pending_cost: int | None = None) -> None:
-        self.max_pending, self.timeout_s, self.retry_after_s = max_pending, timeout_s, retry_after_s
-        self.max_pending_cost = max_pending_cost
-        self.pending = 0
-        self.cost = 0
-        self.draining = False  # set on shutdown: new requests get a 503, the admitted ones finish
-
-    def deadline(self, request: Request) -> float:
-        raw = request.headers.get(TIMEOUT_HEADER)
-        if raw is None:
-            return self.timeout_s
-        try:
-            ms = float(raw)
-        except ValueError:
-            ms = math.nan
-        if not (math.isfinite(ms) and ms > 0):
-            raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive, finite number of milliseconds (at most "
-                                 f"{self.timeout_s * 1000:g} is used), got {raw!r}", field=TIMEOUT_HEADER)
-        return min(self.timeout_s, ms / 1000)
-
-    def check(self, cost: int = 1) -> None:
-        """Raise `Overloaded` if a request of this cost would not be admitted now."""
-        if self.draining:
-            raise Overloaded("this replica is shutting down; retry (another replica or the restarted service)",
-                             retry_after_s=self.retry_after_s)
-        if self.pending >= self.max_pending:
-            raise Overloaded(f"{self.pending} requests already pending in this replica (limit {self.max_pending}); "
-                             "retry later", retry_after_s=self.retry_after_s)
-        budget = self.max_pending_cost
-        if budget is not None and self.pending and self.cost + cost > budget:
-            raise Overloaded(f"this request's cost {cost} on top of {self.cost} pending in this replica is over its "
-                             f"budget of {budget}; retry later", retry_after_s=self.retry_after_s)
-
-    @contextmanager
-    def admit(self, cost: int = 1) -> Iterator[None]:
-        """Hold a place (and `cost` of the budget) for the block, or raise `Overloaded` at once."""
-        self.check(cost)
-        self.pending += 1
-        self.cost += cost
-        try:
-            yield
-        finally:
-            self.pending -= 1
-            self.cost -= cost
-
-    async def within(self, work: Awaitable[T], timeout_s: float) -> T:
-        """Await `work` under the deadline (504 past it); admission is the caller's (`admit`)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await work
-        except TimeoutError:
-            raise DeadlineExceeded(f"no result within the deadline of {timeout_s:.3f} s") from None
-
-    async def run(self, work: Awaitable[T], timeout_s: float, *, cost: int = 1) -> T:
-        """`admit` and `within` in one, for work that was not admitted before it was made."""
-        try:
-            self.check(cost)
-        except Overloaded:
-            _close(work)
-            raise
-        with self.admit(cost):
-            return await self.within(work, timeout_s)
-
-
-def _close(work: Awaitable[Any]) -> None:
-    close = getattr(work, "close", None)
-    if close is not None:
-        close()  # an un-awaited coroutine would warn

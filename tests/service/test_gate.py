@@ -6,10 +6,9 @@ import asyncio
 
 import pytest
 
-from service.deployments.translator import cost
+from service.deployments.admission import Gate
+from service.deployments.jobs import TranslateJob
 from service.errors import DeadlineExceeded, Overloaded
-from service.protocols.asgi import Gate
-from service.protocols.v1.schemas import TranslateRequest
 
 
 def gate(**kw) -> Gate:
@@ -56,5 +55,10 @@ def test_released_after_error_and_deadline() -> None:
 
 
 def test_translator_cost_is_a_token_budget() -> None:
-    req = TranslateRequest(texts=["a", "b", "c"], beam_size=4, max_new_tokens=32)
-    assert cost(req) == 3 * 4 * 32
+    job = TranslateJob(texts=["a", "b", "c"], beam_size=4, max_new_tokens=32)
+    assert job.cost == 3 * 4 * 32
+
+
+def test_timeout_is_capped_at_the_models() -> None:
+    g = gate(timeout_s=5.0)
+    assert (g.timeout(None), g.timeout(1.5), g.timeout(60.0)) == (5.0, 1.5, 5.0)

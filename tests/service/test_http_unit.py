@@ -10,8 +10,16 @@ import json
 import pytest
 from fastapi import Request
 
-from service.deployments.ingress import merged_openapi
+from service.config import AppArgs
+from service.deployments.ingress import build_api, merged_openapi
 from service.protocols.asgi import Observed, RouteSettings, make_api
+from service.protocols.v2.routes import V2Config
+
+
+def document(args: AppArgs | None = None) -> dict:
+    """The merged OpenAPI document of the service, as the `api` app serves it (no v2 models: no artifacts read)."""
+    args = args or AppArgs()
+    return merged_openapi(args, build_api(None, args, V2Config.from_args(args, {})))
 
 
 @pytest.fixture
@@ -90,7 +98,7 @@ def test_body_checks_are_counted_with_their_codes(recorded):
 
 
 def test_openapi_documents_every_status_and_the_deadline_header():
-    doc = merged_openapi()
+    doc = document()
     posts = {path: doc["paths"][path]["post"] for path in ("/v1/translate", "/v1/classify")}
     for path, op in posts.items():
         assert {"413", "415", "422", "500", "503", "504"} <= set(op["responses"]), path
@@ -125,9 +133,9 @@ def auth_app(tokens: tuple[bytes, ...]):
     return app
 
 
-async def call_with(app, path: str, headers: list[tuple[bytes, bytes]]) -> list[dict]:
+async def call_with(app, path: str, headers: list[tuple[bytes, bytes]], method: str = "POST") -> list[dict]:
     body = b"{}"
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"", "server": ("t", 80),
              "client": ("c", 1), "headers": [(b"content-type", b"application/json"),
                                              (b"content-length", b"2"), *headers]}
@@ -197,3 +205,27 @@ def test_tokens_from_env_and_file(tmp_path, monkeypatch):
     assert args.tokens() == (b"env-a", b"env-b", b"file-token")
     monkeypatch.delenv("ATTNSERVE_API_TOKENS")
     assert AuthArgs().tokens() == ()
+
+
+def test_v2_unserved_method_is_405_with_allow_in_the_protocols_form(recorded):
+    from service.protocols.v2.routes import V2Config, build_router, error_response
+
+    app = make_api("test", RouteSettings("/", media_types=(), error_forms={"/v2": error_response}))
+    app.include_router(build_router(V2Config(specs={}, max_body_bytes=1024, max_batch={})))
+    sent = asyncio.run(call_with(app, "/v2/models/m/infer", [], method="GET"))
+    assert sent[0]["status"] == 405 and b"POST" in dict(sent[0]["headers"])[b"allow"]
+    assert isinstance(json.loads(sent[1]["body"])["error"], str)
+    sent = asyncio.run(call_with(app, "/v2/nothing-here", [], method="GET"))
+    assert sent[0]["status"] == 404 and isinstance(json.loads(sent[1]["body"])["error"], str)
+
+
+def test_bearer_scheme_documented_when_tokens_are_on(monkeypatch):
+    monkeypatch.setenv("ATTNSERVE_API_TOKENS", "k")
+    doc = document()
+    assert doc["components"]["securitySchemes"]["bearerAuth"] == {**doc["components"]["securitySchemes"][
+        "bearerAuth"], "type": "http", "scheme": "bearer"}
+    assert doc["paths"]["/v1/translate"]["post"]["security"] == [{"bearerAuth": []}]
+    assert doc["paths"]["/v2/models/{name}/infer"]["post"]["security"] == [{"bearerAuth": []}]
+    assert "security" not in doc["paths"]["/healthz"]["get"]  # public
+    monkeypatch.delenv("ATTNSERVE_API_TOKENS")
+    assert "securitySchemes" not in document()["components"]

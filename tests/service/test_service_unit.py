@@ -14,7 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from service_helpers import png
 
 from service.app import BuildArgs
-from service.config import EngineConfig
+from service.config import MODEL_APPS, MODEL_MAX_ONGOING_REQUESTS, BatchSettings, EngineConfig
 from service.errors import BadImage, ImageTooLarge, LimitExceeded, field_path
 from service.protocols.v1.preprocess import decode_base64, to_model_input
 
@@ -36,11 +36,14 @@ def test_serve_config_is_valid_and_consistent():
                     EngineConfig.model_validate(d["user_config"])
                 else:
                     assert d["max_ongoing_requests"] >= d["user_config"]["max_batch_size"], d["name"]
+                    # One set of batch defaults: config.py's are the shipped config's (the decorator uses them).
+                    assert BatchSettings().model_dump() == BatchSettings.model_validate(d["user_config"]).model_dump()
+                assert d["max_ongoing_requests"] == MODEL_MAX_ONGOING_REQUESTS, d["name"]
                 assert d["max_queued_requests"] > 0 and d["autoscaling_config"]
                 assert {"num_cpus", "num_gpus"} <= set(d["ray_actor_options"])
                 pending = getattr(args, d["name"].lower()).max_pending
                 assert pending < d["max_ongoing_requests"], "max_pending must answer before the proxy queues"
-    assert components == {"translator", "classifier", "api"}
+    assert components == {*MODEL_APPS, "api"} and {a["name"] for a in raw["applications"]} == components
     assert {a.route_prefix for a in schema.applications} == {"/v1/translate", "/v1/classify", "/"}
 
 

@@ -50,7 +50,7 @@ def error_of(call) -> InferenceServerException:
     return info.value
 
 
-def test_server_and_model_metadata(client):
+def test_server_and_model_metadata(service, client):
     assert client.is_server_live() and client.is_server_ready()
     meta = client.get_server_metadata()
     assert meta["name"] == "attnserve" and "binary_tensor_data" in meta["extensions"]
@@ -69,8 +69,14 @@ def test_server_and_model_metadata(client):
         "ENCODER_ATTENTION": "FP32"}
     assert "[n, T, S]" in mt["parameters"]["output.ALIGNMENT"]
     assert mt["parameters"]["outputs.default"].endswith("SOURCE_TOKENS, TARGET_TOKENS, ALIGNMENT, ENCODER_ATTENTION")
-    assert mt["parameters"]["parameter.attention_layers"].startswith("string of comma-separated integers -16..15")
+    with service.client() as c:
+        infos = {m["name"]: m for m in c.get("/v1/models").json()["models"]}
+    n, heads = infos[MT]["decoder_layers"], infos[MT]["heads"]  # the ranges come from the model's manifest
+    ints = "string of comma-separated integers"
+    assert mt["parameters"]["parameter.attention_layers"].startswith(f"{ints} -{n}..{n - 1}")
+    assert mt["parameters"]["parameter.attention_heads"].startswith(f"{ints} 0..{heads - 1}")
     vit = client.get_model_metadata(VIT)
+    assert vit["inputs"][0]["shape"] == [-1, 28, 28] and vit["outputs"][0]["shape"] == [-1, 10]
     assert {i["name"] for i in vit["inputs"]} == {"IMAGE", "IMAGE_BYTES"}
     assert len(vit["parameters"]["labels"].split(",")) == 10
     assert vit["parameters"]["outputs.default"].endswith("ROLLOUT, CLS_ATTENTION")

@@ -1,4 +1,5 @@
-"""Image decoding for /v1/classify: base64 or raw bytes -> uint8 (28, 28), the model's input space.
+"""Image decoding for /v1/classify: base64 or raw bytes -> uint8 (size, size), the model's input space (its
+manifest's `image_size`; 28 for the Fashion-MNIST ViT).
 
 Documented conversion (any size, any Pillow mode):
 1. The pixel count is read from the header and checked against `max_image_pixels` *before* decoding, so a
@@ -24,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadImage, ImageTooLarge, LimitExceeded
 
-SIZE = 28
+SIZE = 28  # the default `size`: the shipped ViT's (the replica passes its manifest's)
 FORMATS = ("PNG", "JPEG")
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grayscale PNGs decode to one of these
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
@@ -50,8 +51,8 @@ def decode_base64(data: str, *, field: str, max_bytes: int) -> bytes:
     return raw
 
 
-def to_model_input(raw: bytes, *, field: str, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """Encoded PNG/JPEG bytes -> uint8 (28, 28).
+def to_model_input(raw: bytes, *, field: str, max_bytes: int, max_pixels: int, size: int = SIZE) -> np.ndarray:
+    """Encoded PNG/JPEG bytes -> uint8 (size, size).
 
     Raises only `BadImage` (400), `ImageTooLarge` (400) or `LimitExceeded` (422): the bytes are untrusted,
     so whatever Pillow raises while decoding or converting them is a bad image, never a 500.
@@ -82,7 +83,7 @@ def to_model_input(raw: bytes, *, field: str, max_bytes: int, max_pixels: int) -
             raise BadImage(f"cannot read the image's EXIF orientation: {_reason(e)} "
                            "(re-save the image without EXIF metadata)", field=field) from None
     try:
-        return _convert(img)
+        return _convert(img, size)
     except Exception as e:
         raise BadImage(f"cannot convert the {img.mode} image to grayscale: {_reason(e)}", field=field) from None
 
@@ -110,7 +111,7 @@ def _gray(img: Image.Image) -> Image.Image:
     return img if img.mode == "L" else img.convert("L")
 
 
-def _convert(img: Image.Image) -> np.ndarray:
+def _convert(img: Image.Image, size: int) -> np.ndarray:
     img = _gray(img)
     w, h = img.size
     if max(w, h) > MAX_SIDE:
@@ -126,6 +127,6 @@ def _convert(img: Image.Image) -> np.ndarray:
         square = Image.new("L", (side, side), int(np.median(border)))
         square.paste(img, ((side - w) // 2, (side - h) // 2))
         img = square
-    if img.size != (SIZE, SIZE):
-        img = img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8).copy()

@@ -10,6 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
+from service.deployments.jobs import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_TOP_K,
+    MAX_BEAM,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_NEW_TOKENS,
+    MAX_TOP_K,
+)
+
 
 class _Strict(BaseModel):
     # Unknown fields are an error, not silently ignored: a typo like "beam" must not fall back to a default.
@@ -29,9 +39,9 @@ def _encodable(text: str) -> str:
 
 
 Utf8Text = Annotated[str, AfterValidator(_encodable)]
-# Published maxima of layer and head indices (a model's own ranges, smaller, are in GET /v1/models' answers and
-# in the 422 for an index outside them).
-MAX_LAYERS, MAX_HEADS = 16, 16
+INTS = r"-?[0-9]+(,-?[0-9]+)*"  # a list of whole numbers in one string ("0,5", "-1"): forms and v2 parameters
+# Published maxima of layer and head indices (service/deployments/jobs.py); a model's own ranges, smaller, are in
+# GET /v1/models' answers and in the 422 for an index outside them.
 LayerIndex = Annotated[int, Field(ge=-MAX_LAYERS, le=MAX_LAYERS - 1)]
 HeadIndex = Annotated[int, Field(ge=0, le=MAX_HEADS - 1)]
 Base64Image = Annotated[
@@ -47,8 +57,9 @@ EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAAAAABX3VL4AAAAC0lEQVR4nGNgQAYAA
 
 class TranslateRequest(_Strict):
     texts: list[Utf8Text] = Field(min_length=1, max_length=64, description="English sentences to translate.")
-    beam_size: int = Field(1, ge=1, le=8, description="1 = greedy decoding.")
-    max_new_tokens: int = Field(128, ge=1, le=256, description="Cap on generated target tokens per text.")
+    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding.")
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
+                                description="Cap on generated target tokens per text.")
     return_attention: bool = Field(False, description="Also return the alignment (decoder cross-attention).")
     attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
         "Decoder layers averaged into the alignment; negative counts from the last; duplicates are merged; null = "
@@ -123,7 +134,7 @@ class ClassifyRequest(_Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "top_k": 3}]})
 
     images: list[Base64Image] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG images.")
-    top_k: int = Field(3, ge=1, le=10)
+    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
     return_attention: bool = Field(False, description="Also return a 7x7 attention map over the patches (`attention`"
                                    " picks which).")
     attention: Literal["rollout", "cls"] = Field("rollout", description=CLASSIFIER_MAPS)

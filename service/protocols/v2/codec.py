@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
@@ -31,6 +31,9 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t).newbyteorder("<") for name, t i
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.items()}
 BYTES = "BYTES"
 DATATYPES = (*DTYPES, BYTES)
+Datatype = Literal["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+                   "FP64", "BYTES"]
+assert set(Datatype.__args__) == set(DATATYPES)  # type: ignore[attr-defined]
 
 
 class V2Error(InvalidRequest):
@@ -40,8 +43,8 @@ class V2Error(InvalidRequest):
 class RequestInput(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
-    shape: list[int] = Field(description="Dimensions, each >= 0.")
-    datatype: str = Field(description=f"One of {', '.join(DATATYPES)}.")
+    shape: list[Annotated[int, Field(ge=0)]] = Field(description="Dimensions, each >= 0.")
+    datatype: Datatype = Field(description="The element type (BF16 is not supported).")
     parameters: dict[str, Parameter] = Field(default_factory=dict, description=(
         "`binary_data_size`: the tensor's bytes follow the JSON header (binary tensor data extension)."))
     data: list[Any] | None = Field(None, description="Row-major elements, flat or nested; BYTES as UTF-8 strings. "
@@ -61,6 +64,10 @@ class InferenceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     id: str | None = None
+    # KServe's Python SDK (InferenceRESTClient) sends these in the body too; the path names the model, and a
+    # body that names another one is refused (400).
+    model_name: str | None = Field(None, description="Optional; if sent, the model of the path.")
+    model_version: str | None = Field(None, description="Optional; if sent, the version served (or of the path).")
     parameters: dict[str, Parameter] = Field(default_factory=dict, description=(
         "`binary_data_output`: every output as binary data; `timeout`: microseconds (shortens the deadline); "
         "model parameters as listed in the model metadata."))
@@ -90,6 +97,8 @@ class Request:
     inputs: dict[str, np.ndarray]  # name -> array of the declared shape (BYTES: object array of bytes)
     datatypes: dict[str, str]
     outputs: list[RequestOutput] | None
+    model_name: str | None = None
+    model_version: str | None = None
 
 
 @dataclass
@@ -127,10 +136,6 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
     for t in req.inputs:
         if t.name in inputs:
             raise V2Error(f"input {t.name!r} appears twice")
-        if t.datatype not in DATATYPES:
-            raise V2Error(f"input {t.name!r}: datatype {t.datatype!r} is not one of {', '.join(DATATYPES)}")
-        if any(d < 0 for d in t.shape):
-            raise V2Error(f"input {t.name!r}: shape {t.shape} has a negative dimension")
         count = int(np.prod(t.shape, dtype=object)) if t.shape else 1
         size = t.parameters.get("binary_data_size")
         if size is not None:
@@ -151,7 +156,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
         datatypes[t.name] = t.datatype
     if offset != len(rest):
         raise V2Error(f"{len(rest) - offset} bytes after the JSON header belong to no input's binary_data_size")
-    return Request(req.id, req.parameters, inputs, datatypes, req.outputs)
+    return Request(req.id, req.parameters, inputs, datatypes, req.outputs, req.model_name, req.model_version)
 
 
 def from_binary(raw: bytes, datatype: str, count: int, name: str) -> np.ndarray:
