@@ -14,30 +14,35 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from service.config import MODEL_APPS, PROBE_TIMEOUT_S, AppArgs
+from service.config import CLASSIFIER_APP, MODEL_APPS, PROBE_TIMEOUT_S, TRANSLATOR_APP, AppArgs
 from service.errors import NotReady
 from service.protocols import demo
 from service.protocols.asgi import RouteSettings, document_auth, make_api
+from service.protocols.v1 import bounds
 from service.protocols.v1 import classify as v1_classify
 from service.protocols.v1 import translate as v1_translate
 from service.protocols.v1.schemas import ErrorResponse, Health, LimitsInfo, ModelInfo, ModelsResponse
 from service.protocols.v2.routes import V2Config, build_router, error_response
 from service.protocols.v2.specs import ModelSpec, classifier_spec, translator_spec
-from service.runtime import find_artifact, load_manifest
+from service.runtime import Manifest, find_artifact, load_manifest
 
 PATHS = frozenset({"/", "/healthz", "/readyz", "/v1/models", "/docs", "/openapi.json"})
 
 
-def load_specs(args: AppArgs) -> dict[str, ModelSpec]:
-    """The v2 face of each model, from its artifact's manifest (the version the model app serves)."""
+def load_manifests(args: AppArgs) -> dict[str, Manifest]:
+    """Each model app's manifest (the version it serves): the facts the protocols publish (shapes, ranges)."""
     root = args.resolved_root()
-    out = {}
-    for cfg, build in ((args.translator, translator_spec), (args.classifier, classifier_spec)):
-        out[cfg.name] = build(load_manifest(find_artifact(root, cfg.name, cfg.version), verify=False))
-    return out
+    return {app: load_manifest(find_artifact(root, cfg.name, cfg.version), verify=False)
+            for app, cfg in ((TRANSLATOR_APP, args.translator), (CLASSIFIER_APP, args.classifier))}
 
 
-def merged_openapi(args: AppArgs, api: FastAPI) -> dict[str, Any]:
+def v2_specs(args: AppArgs, manifests: dict[str, Manifest]) -> dict[str, ModelSpec]:
+    """The v2 face of each model, by the model name in v2 URLs."""
+    return {args.translator.name: translator_spec(manifests[TRANSLATOR_APP]),
+            args.classifier.name: classifier_spec(manifests[CLASSIFIER_APP])}
+
+
+def merged_openapi(args: AppArgs, api: FastAPI, manifests: dict[str, Manifest] | None = None) -> dict[str, Any]:
     """One OpenAPI document: the `api` app's routes plus the model apps' routes under their prefixes."""
     doc = FastAPI.openapi(api)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
@@ -52,11 +57,14 @@ def merged_openapi(args: AppArgs, api: FastAPI) -> dict[str, Any]:
     schemas["ErrorResponse"] = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
     for name, sub_schema in schemas["ErrorResponse"].pop("$defs", {}).items():
         schemas[name] = sub_schema
+    manifests = manifests or {}
+    doc = bounds.publish(doc, args.limits, manifests.get(TRANSLATOR_APP), manifests.get(CLASSIFIER_APP))
     settings = RouteSettings.for_app("/", "api", args)
     return document_auth(doc, settings) if settings.tokens else doc
 
 
-def build_api(replica: Api | None, args: AppArgs, v2: V2Config) -> FastAPI:
+def build_api(replica: Api | None, args: AppArgs, v2: V2Config,
+              manifests: dict[str, Manifest] | None = None) -> FastAPI:
     """The `api` app of one replica (`replica` None: only for its OpenAPI document)."""
     settings = RouteSettings.for_app("/", "api", args, paths=PATHS | v2.paths(), media_types=(),
                                      error_forms={"/v2": error_response})  # v2 paths answer in the v2 form
@@ -87,7 +95,7 @@ def build_api(replica: Api | None, args: AppArgs, v2: V2Config) -> FastAPI:
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi() -> JSONResponse:
         if not merged:
-            merged.update(merged_openapi(args, api))
+            merged.update(merged_openapi(args, api, manifests))
         return JSONResponse(merged)
 
     @api.get("/docs", include_in_schema=False)
@@ -102,10 +110,11 @@ def build_api(replica: Api | None, args: AppArgs, v2: V2Config) -> FastAPI:
 class Api:
     def __init__(self, args: dict[str, Any]) -> None:
         self.args = AppArgs.model_validate(args)
-        self.v2 = V2Config.from_args(self.args, load_specs(self.args))
+        self.manifests = load_manifests(self.args)
+        self.v2 = V2Config.from_args(self.args, v2_specs(self.args, self.manifests))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_api(self, self.args, self.v2)
+        return build_api(self, self.args, self.v2, self.manifests)
 
     async def call_all(self, method: str) -> list[Any]:
         try:

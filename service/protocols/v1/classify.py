@@ -99,6 +99,9 @@ MULTIPART_SCHEMA = {
     },
     # Every file part is an image, whatever its name (`images` documented, `files` common); no other text fields.
     "additionalProperties": {"type": "string", "format": "binary"},
+    # attention_layers and attention_heads choose the CLS map: with the rollout (the default) they are a 422.
+    "anyOf": [{"properties": {"attention": {"const": "cls"}}, "required": ["attention"]},
+              {"properties": {"attention_layers": False, "attention_heads": False}}],
 }
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": ClassifyRequest.model_json_schema()},

@@ -130,8 +130,15 @@ CLASSIFIER_MAPS = (
     "alone is WORSE than random, and the previous model's last layer was no better than random.")
 
 
+# `attention_layers` and `attention_heads` choose the CLS map: with the rollout (the default) they are a 422.
+ONLY_CLS_CHOOSES = {"anyOf": [
+    {"properties": {"attention": {"const": "cls"}}, "required": ["attention"]},
+    {"properties": {"attention_layers": {"type": "null"}, "attention_heads": {"type": "null"}}}]}
+
+
 class ClassifyRequest(_Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "top_k": 3}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [EXAMPLE_PNG], "top_k": 3}],
+                                                 **ONLY_CLS_CHOOSES})
 
     images: list[Base64Image] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG images.")
     top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
