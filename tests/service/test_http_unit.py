@@ -229,3 +229,25 @@ def test_bearer_scheme_documented_when_tokens_are_on(monkeypatch):
     assert "security" not in doc["paths"]["/healthz"]["get"]  # public
     monkeypatch.delenv("ATTNSERVE_API_TOKENS")
     assert "securitySchemes" not in document()["components"]
+
+
+def test_schema_publishes_the_configured_limits():
+    from service.config import Limits
+
+    doc = document(AppArgs(limits=Limits(max_texts=5, max_text_chars=300, max_images=7, max_image_bytes=3000)))
+    texts = doc["components"]["schemas"]["TranslateRequest"]["properties"]["texts"]
+    assert texts["maxItems"] == 5 and texts["items"]["maxLength"] == 300
+    content = doc["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
+    images = content["application/json"]["schema"]["properties"]["images"]
+    assert images["maxItems"] == content["multipart/form-data"]["schema"]["properties"]["images"]["maxItems"] == 7
+    assert images["items"]["maxLength"] == 4004  # the longest base64 whose decoded size passes the check
+
+
+def test_ints_pattern_is_the_range():
+    import re
+
+    from service.protocols.v1.bounds import ints_pattern
+
+    p = re.compile(ints_pattern(-6, 5, 3))
+    assert all(p.fullmatch(s) for s in ("0", "-6", "5", "-1,0,5"))
+    assert not any(p.fullmatch(s) for s in ("6", "-7", "1,2,3,4", "1,", "01x", ""))
