@@ -56,8 +56,9 @@ def _form_bool(value: object) -> object:
 
 
 def _form_int(value: object) -> object:
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
+    # Decimal digits; "3.0" too, since JSON Schema's integer 3.0 is written so in a form.
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+(\.0+)?", value):
+        return int(value.partition(".")[0])
     raise ValueError(f"must be a whole number in decimal digits, got {value!r}")
 
 

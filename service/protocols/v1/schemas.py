@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from service.deployments.jobs import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -39,11 +39,22 @@ def _encodable(text: str) -> str:
 
 
 Utf8Text = Annotated[str, AfterValidator(_encodable)]
+
+
+def _integral(value: object) -> object:
+    # JSON Schema's "integer" is any number with a zero fractional part: 2.0 is one, as the document promises.
+    # Still strict otherwise: "2", true and 2.5 are not.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 INTS = r"-?[0-9]+(,-?[0-9]+)*"  # a list of whole numbers in one string ("0,5", "-1"): forms and v2 parameters
 # Published maxima of layer and head indices (service/deployments/jobs.py); a model's own ranges, smaller, are in
 # GET /v1/models' answers and in the 422 for an index outside them.
-LayerIndex = Annotated[int, Field(ge=-MAX_LAYERS, le=MAX_LAYERS - 1)]
-HeadIndex = Annotated[int, Field(ge=0, le=MAX_HEADS - 1)]
+LayerIndex = Annotated[Int, Field(ge=-MAX_LAYERS, le=MAX_LAYERS - 1)]
+HeadIndex = Annotated[Int, Field(ge=0, le=MAX_HEADS - 1)]
 Base64Image = Annotated[
     str,
     StringConstraints(min_length=1),
@@ -57,8 +68,8 @@ EXAMPLE_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAAAAABX3VL4AAAAC0lEQVR4nGNgQAYAA
 
 class TranslateRequest(_Strict):
     texts: list[Utf8Text] = Field(min_length=1, max_length=64, description="English sentences to translate.")
-    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding.")
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
+    beam_size: Int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding.")
+    max_new_tokens: Int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS,
                                 description="Cap on generated target tokens per text.")
     return_attention: bool = Field(False, description="Also return the alignment (decoder cross-attention).")
     attention_layers: list[LayerIndex] | None = Field(None, min_length=1, max_length=MAX_LAYERS, description=(
@@ -141,7 +152,7 @@ class ClassifyRequest(_Strict):
                                                  **ONLY_CLS_CHOOSES})
 
     images: list[Base64Image] = Field(min_length=1, max_length=64, description="Base64 PNG or JPEG images.")
-    top_k: int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
+    top_k: Int = Field(DEFAULT_TOP_K, ge=1, le=MAX_TOP_K)
     return_attention: bool = Field(False, description="Also return a 7x7 attention map over the patches (`attention`"
                                    " picks which).")
     attention: Literal["rollout", "cls"] = Field("rollout", description=CLASSIFIER_MAPS)
