@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 from pathlib import Path
 
 import httpx
@@ -157,6 +158,11 @@ def test_models_publish_the_ranges(service):
     assert (models[VIT]["encoder_layers"], models[VIT]["heads"], models[VIT]["decoder_layers"]) == (6, 4, None)
 
 
+def model_info(service, task: str) -> dict:
+    with service.client() as c:
+        return next(m for m in c.get("/v1/models").json()["models"] if m["task"] == task)
+
+
 def test_openapi_describes_the_classify_choices(service):
     with service.client() as c:
         doc = c.get("/openapi.json").json()
@@ -164,7 +170,9 @@ def test_openapi_describes_the_classify_choices(service):
     body = doc["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     req = body["application/json"]["schema"]["properties"]
     assert req["attention"]["enum"] == ["rollout", "cls"] and req["attention"]["default"] == "rollout"
-    for name, lo, hi in (("attention_layers", -16, 15), ("attention_heads", 0, 15)):
+    vit = model_info(service, "image-classification")  # the document's ranges are the served model's
+    n, heads = vit["encoder_layers"], vit["heads"]
+    for name, lo, hi in (("attention_layers", -n, n - 1), ("attention_heads", 0, heads - 1)):
         options = req[name]["anyOf"]
         arr = next(o for o in options if o.get("type") == "array")
         assert {"type": "null"} in options and req[name].get("default") is None
@@ -175,7 +183,10 @@ def test_openapi_describes_the_classify_choices(service):
     assert att["properties"]["method"]["enum"] == ["rollout", "cls"]
     form = body["multipart/form-data"]["schema"]
     assert form["properties"]["attention"]["enum"] == ["rollout", "cls"]
-    assert form["properties"]["attention_layers"]["pattern"] == "^-?[0-9]+(,-?[0-9]+)*$"
+    pattern = re.compile(form["properties"]["attention_layers"]["pattern"])
+    assert pattern.fullmatch(f"0,{n - 1},-{n}") and not pattern.fullmatch(str(n)) and not pattern.fullmatch("0,x")
+    # layers and heads choose the CLS map only: with the rollout (the default) they are refused, as documented
+    assert {"properties": {"attention": {"const": "cls"}}, "required": ["attention"]} in form["anyOf"]
 
 
 # ---- translate -----------------------------------------------------------------------------------------------
@@ -289,8 +300,10 @@ def test_openapi_describes_the_translate_choices(service):
         schemas = c.get("/openapi.json").json()["components"]["schemas"]
     req = schemas["TranslateRequest"]["properties"]
     assert "attention_layer" not in req and req["return_encoder_attention"]["type"] == "boolean"
-    for name, lo, hi in (("attention_layers", -16, 15), ("attention_heads", 0, 15),
-                         ("encoder_attention_layers", -16, 15), ("encoder_attention_heads", 0, 15)):
+    mt = model_info(service, "translation")  # the document's ranges are the served model's
+    dec, enc, h = mt["decoder_layers"], mt["encoder_layers"], mt["heads"]
+    for name, lo, hi in (("attention_layers", -dec, dec - 1), ("attention_heads", 0, h - 1),
+                         ("encoder_attention_layers", -enc, enc - 1), ("encoder_attention_heads", 0, h - 1)):
         arr = next(o for o in req[name]["anyOf"] if o.get("type") == "array")
         assert {"type": "null"} in req[name]["anyOf"] and (arr["minItems"], arr["maxItems"]) == (1, 16)
         assert (arr["items"]["minimum"], arr["items"]["maximum"]) == (lo, hi), name
