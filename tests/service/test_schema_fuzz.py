@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from service_helpers import TEST_LIMITS
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +47,9 @@ def _cheap_translation(body: dict[str, Any]) -> dict[str, Any]:
     def valid_int(v: Any, lo: int, hi: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
-    texts = body.get("texts")
-    if isinstance(texts, list) and 1 <= len(texts) <= 64 and all(isinstance(t, str) for t in texts):
+    texts, chars = body.get("texts"), TEST_LIMITS["max_text_chars"]
+    if (isinstance(texts, list) and 1 <= len(texts) <= 64
+            and all(isinstance(t, str) and len(t) <= chars for t in texts)):  # only texts that are valid already
         body["texts"] = [t[:40] for t in texts[:3]]
     if valid_int(body.get("max_new_tokens"), 1, 256):
         body["max_new_tokens"] = min(body["max_new_tokens"], 6)

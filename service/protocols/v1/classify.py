@@ -88,7 +88,8 @@ MULTIPART_SCHEMA = {
     "type": "object", "required": ["images"],
     "properties": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1, "maxItems": 64,
-                   "description": "PNG or JPEG files, one part each (a file that is not one: 400 bad_image)."},
+                   "description": "PNG or JPEG files, one part each (a file that is not one: 400 bad_image). "
+                                  "File parts under any other name (e.g. `files`) are images too, in order."},
         "top_k": {"type": "integer", "minimum": 1, "maximum": MAX_TOP_K, "default": DEFAULT_TOP_K},
         "return_attention": {"type": "boolean", "default": False, "description": "`true` or `false` (any case)."},
         "attention": {"type": "string", "enum": ["rollout", "cls"], "default": "rollout",
@@ -98,8 +99,9 @@ MULTIPART_SCHEMA = {
         "attention_heads": {**INTS_SCHEMA, "description": "`cls` only: comma-separated head indices (e.g. `0,2`; "
                             "as the JSON field `attention_heads`); absent = all heads."},
     },
-    # Every file part is an image, whatever its name (`images` documented, `files` common); no other text fields.
-    "additionalProperties": {"type": "string", "format": "binary"},
+    # No other text fields (422 naming the field). A file part under another name (`files` is common) is taken
+    # as an image too, as the description says: JSON Schema cannot tell a file part from a text field.
+    "additionalProperties": False,
     # attention_layers and attention_heads choose the CLS map: with the rollout (the default) they are a 422.
     "anyOf": [{"properties": {"attention": {"const": "cls"}}, "required": ["attention"]},
               {"properties": {"attention_layers": False, "attention_heads": False}}],
