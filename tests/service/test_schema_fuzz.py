@@ -28,11 +28,13 @@ MAX_EXAMPLES = 60  # per operation and generation mode (fuzzing phase); the cove
 #   string or a file that is not a decodable PNG or JPEG: `bad_image`; a v2 tensor whose name, datatype or
 #   shape is not the model's: its metadata says, but one OpenAPI operation serves every model).
 ACCEPTED = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx", "413"]
+REJECTED = ["400", "401", "403", "404", "405", "406", "409", "415", "422", "428", "429", "5xx", "413"]
 CONFIG = {
     "generation": {"mode": "all", "max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
     "phases": {"examples": {"enabled": True}, "coverage": {"enabled": True}, "fuzzing": {"enabled": True},
                "stateful": {"enabled": False}},
-    "checks": {"enabled": True, "positive_data_acceptance": {"expected-statuses": ACCEPTED}},
+    "checks": {"enabled": True, "positive_data_acceptance": {"expected-statuses": ACCEPTED},
+               "negative_data_rejection": {"expected-statuses": REJECTED}},
     "operations": [{"include-path-regex": r"^/v1/classify$|^/v2/models/.*infer$",
                     "checks": {"positive_data_acceptance": {"expected-statuses": [*ACCEPTED, "400"]}}}],
     "request-timeout": 120,
