@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("bench", "explain"): ("bench.explain:main", "ViT attention maps vs random order: deletion/insertion curves"),
     ("bench", "soak"): ("bench.soak:main", "steady load at ~70% of capacity for N minutes: errors, latency, RSS"),
     ("bench", "cost"): ("bench.cost:main", "CPU per request in each process of the serving path vs the baseline"),
+    ("bench", "step"): ("bench.step:main", "the decoder step graph alone per precision: CPU ms per step, tokens/CPU-s"),
 }
 
 
