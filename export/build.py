@@ -28,7 +28,7 @@ from export import family_translator, family_vit
 from export.gates import QualityGateError, check_gates
 from export.onnx_export import OPSET, describe, export_graph
 from export.parity import Mismatch, ParityError, as_dicts, compare, cpu_session
-from export.precision import CONVERTERS, variant_file
+from export.precision import CONVERTERS, METHODS, variant_file
 from export.specs import GRAPHS, model_dims
 from models.checkpoint import KINDS, load_checkpoint, read_meta
 from service.runtime.errors import ArtifactError
@@ -70,8 +70,9 @@ def declared_graphs(meta: dict) -> dict[str, tuple[list[str], list[str]]]:
 
 
 def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...], meta: dict) -> bool:
-    """Same checkpoint, current manifest format, at least the asked precisions, and in every precision exactly
-    the graphs declared today with their input and output names; an invalid or unpassed manifest is stale."""
+    """Same checkpoint, current manifest format, at least the asked precisions made by today's method
+    (``export.precision.METHODS``), and in every precision exactly the graphs declared today with their input
+    and output names; an invalid or unpassed manifest is stale."""
     try:
         m = load_manifest(dest, verify=False)
     except ArtifactError:
@@ -81,6 +82,7 @@ def up_to_date(dest: Path, checkpoint_sha: str, precisions: tuple[str, ...], met
         m.format >= FORMAT
         and m.source.get("sha256") == checkpoint_sha
         and set(precisions) <= set(m.graphs)
+        and all(m.exporter.get(p) == METHODS[p] for p in m.graphs if p in METHODS)  # made the current way
         and all(
             {name: ([t.name for t in g.inputs], [t.name for t in g.outputs]) for name, g in graphs.items()} == declared
             for graphs in m.graphs.values()
@@ -140,13 +142,17 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
             mismatches += bad
         parity["graphs"][spec.name] = results
 
+    calibrated: dict[str, str] = {}
     for p in opts.precisions:
         if p == "fp32":
             continue
         graphs[p] = {}
         for spec in specs:
             f = variant_file(spec.name, p)
-            CONVERTERS[p](work / graphs["fp32"][spec.name]["file"], work / f)
+            feeds = None
+            if p == "int8":  # static scales: calibrated on the family's own inputs
+                feeds, calibrated[spec.name] = fam.calibration(spec, model, snap, dims)
+            CONVERTERS[p](work / graphs["fp32"][spec.name]["file"], work / f, feeds)
             graphs[p][spec.name] = {"file": f, **describe(work / f)}
         print(f"  converted to {p} ({time.time() - t0:.0f}s)", flush=True)
 
@@ -163,8 +169,8 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
-            "int8": "onnxruntime.quantization.quantize_dynamic (QInt8 weights)",
-            "fp16": "onnxruntime.transformers.float16 (keep_io_types)",
+            **{p: METHODS[p] for p in opts.precisions if p in METHODS},
+            **({"int8_calibration": calibrated} if calibrated else {}),
         },
         "source": {
             "checkpoint": repo_relative(checkpoint),
@@ -193,6 +199,8 @@ def _build(snap: Path, checkpoint: Path, sha: str, version: str, dest: Path, opt
         manifest["gates"], failures = check_gates(fam.TASK, manifest["quality"], max_loss=opts.max_loss)
     else:
         manifest["gates"], failures = {"checked": False, "reason": "disabled (ExportOptions.gates=False)"}, []
+    for p in manifest["gates"].get("not_run", []):
+        print(f"  {p}: quality gate NOT RUN ({manifest['gates']['precisions'][p]['reason']})", flush=True)
     manifest["build_seconds"] = round(time.time() - t0, 1)
     write_manifest(work, manifest, PARTIAL_MANIFEST)  # the figures, also when a check failed
     # The partial folder stays for inspection; it has no manifest.json, so nothing finds or loads it.

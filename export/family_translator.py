@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from export.metrics import translator_metrics
+from export.metrics import gate_device, provider_of, translator_metrics
 from export.parity import Mismatch, token_parity
 from export.samples import TRANSLATOR_CASES, random_inputs
 from export.specs import GraphSpec
@@ -93,6 +93,53 @@ def slot_case(model: Translator, tgt, cross, mask, present) -> dict[str, np.ndar
     return {k: v.contiguous().numpy() for k, v in feeds.items()}
 
 
+@torch.no_grad()
+def calibration(spec: GraphSpec, model: Translator, snap: Path, dims: dict) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Feeds of ``spec``'s graph for int8 calibration, and where they came from: 256 valid-split pairs in
+    batches of 32, the decoders teacher-forced on the reference (empty past, then one cached token), the slot
+    step with every row at a random position of its reference. Random inputs without the data."""
+    pairs = spa_eng_splits()["valid"] if test_pairs() is not None else None
+    if pairs is None:
+        return [feeds for feeds in random_cases(spec, dims).values()], "random inputs (no spa-eng data)"
+    tok = Tokenizer.from_file(str(snap / "tokenizer.json"))
+    rng = np.random.default_rng(0)
+    pairs, out = spread(pairs, 256), []
+    for b in range(0, len(pairs), 32):
+        batch = pairs[b : b + 32]
+        src = pad(source_ids(tok, [en for en, _ in batch]))
+        if spec.name.startswith("encoder"):
+            out.append({"src_ids": src.numpy()})
+            continue
+        rows = [[BOS, *e.ids[: MAX_LEN - 2]] for e in tok.encode_batch([es for _, es in batch])]
+        tgt, mask = pad(rows), src != PAD
+        cross = model.cross_kv(model.encode(src)[0])
+        empty = torch.zeros(cross.size(0), 2, len(batch), cross.size(3), 0, cross.size(5))
+        _, present, _ = model.decode(tgt, cross, mask, empty)
+        if spec.name == "decoder_step":
+            out.append(step_feeds(tgt, cross, mask, present, [int(rng.integers(0, len(r))) for r in rows]))
+            continue
+        k = int(rng.integers(1, tgt.size(1)))
+        for feeds in ((tgt, cross, mask, empty), (tgt[:, k : k + 1], cross, mask, present[..., :k, :])):
+            out.append({n: t.contiguous().numpy() for n, t in zip(("tgt_ids", "cross_kv", "src_mask", "past_kv"),
+                                                                 feeds, strict=True)})
+    return out, f"spa-eng valid split: {len(pairs)} pairs, {len(out)} batches"
+
+
+def step_feeds(tgt, cross, mask, present, positions: list[int]) -> dict[str, np.ndarray]:
+    """Slot-step inputs: row i at ``positions[i]`` of its teacher-forced target, its cache holding the targets
+    before it; alignment asked on half the rows (the last layer's head mean)."""
+    n, layers = tgt.size(0), cross.size(0)
+    pos = torch.tensor(positions)
+    align = torch.zeros(n, layers, cross.size(3))
+    align[::2, -1] = 1.0 / cross.size(3)
+    feeds = {"tokens": tgt[torch.arange(n), pos], "positions": pos, "src_mask": mask, "align_weights": align}
+    for i in range(layers):
+        for j, kv in enumerate("kv"):
+            feeds[f"cache_{kv}{i}"] = present[i, j][:, :, : int(pos.max()) + 1]
+            feeds[f"cross_{kv}{i}"] = cross[i, j]
+    return {k: v.contiguous().numpy() for k, v in feeds.items()}
+
+
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
     shutil.copy2(snap / "tokenizer.json", work / "tokenizer.json")
     return {
@@ -156,7 +203,8 @@ def decode_parity(model: Translator, snap: Path, partial: Path, opts) -> tuple[d
 
 
 def quality(partial: Path, opts) -> dict:
-    """Greedy BLEU/chrF on the test split for every precision through the runtime (CPU), change vs fp32.
+    """Greedy BLEU/chrF on the test split for every precision through the serving engine, change vs fp32;
+    fp16 on the CUDA provider where there is one, else on the CPU provider (``gate_device``).
 
     ``partial``: the export's ``manifest.partial.json`` (see decode_parity)."""
     pairs = test_pairs()
@@ -168,8 +216,9 @@ def quality(partial: Path, opts) -> dict:
 
     for p in precisions_in(partial):
         try:
-            out[p] = translator_metrics(TranslatorRuntime(partial, precision=p, device="cpu"), pairs)
-            out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
+            rt = TranslatorRuntime(partial, precision=p, device=gate_device(p))
+            out[p] = translator_metrics(rt, pairs)
+            out[p]["measured_with"] = provider_of(rt)
         except Exception as e:  # e.g. fp16 kernels missing on CPU: record it rather than guess
             out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}
             continue

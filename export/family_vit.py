@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.metrics import vit_accuracy
+from export.metrics import gate_device, provider_of, vit_accuracy
 from export.samples import VIT_CASES, random_inputs
 from export.specs import GraphSpec
 from models.data import data_root, fashion_mnist
@@ -46,6 +46,23 @@ def real_cases(spec: GraphSpec, model: torch.nn.Module, snap: Path) -> dict[str,
     return cases
 
 
+def calibration(spec: GraphSpec, model: torch.nn.Module, snap: Path, dims: dict) -> tuple[list[dict], str]:
+    """Feeds of ``spec``'s graph for int8 calibration, and where they came from: 512 training images in
+    batches of 64 (the test split is for the quality gate); random inputs without the data."""
+    if not (data_root() / "fashion-mnist" / "train-images-idx3-ubyte.gz").exists():
+        return [feeds for feeds in random_cases(spec, dims).values()], "random inputs (no Fashion-MNIST data)"
+    images = fashion_mnist("train")[0][:512]
+    out = []
+    for b in range(0, len(images), 64):
+        x = images[b : b + 64]
+        feeds = {spec.inputs[0].name: x if spec.inputs[0].name == "images" else normalize(x).numpy()}
+        if any(t.name == "cls_weights" for t in spec.inputs):  # every layer's head mean
+            feeds["cls_weights"] = np.full((len(x), dims["layers"], dims["heads"]),
+                                           1.0 / (dims["layers"] * dims["heads"]), np.float32)
+        out.append(feeds)
+    return out, f"fashion-mnist train: {len(images)} images, {len(out)} batches"
+
+
 def manifest_extra(meta: dict, cfg, snap: Path, work: Path) -> dict:
     return {
         "model": {
@@ -68,7 +85,8 @@ def decode_parity(model, snap: Path, partial: Path, opts) -> tuple[dict | None, 
 
 
 def quality(partial: Path, opts) -> dict:
-    """Test accuracy of every precision through the runtime (CPU), and its change from fp32 in points.
+    """Test accuracy of every precision through the runtime, and its change from fp32 in points; fp16 on
+    the CUDA provider where there is one, else on the CPU provider (``gate_device``).
 
     ``partial``: the export's ``manifest.partial.json``; the runtime loads the unfinished folder through it."""
     data = test_set()
@@ -80,8 +98,9 @@ def quality(partial: Path, opts) -> dict:
 
     for p in precisions_in(partial):
         try:
-            out[p] = vit_accuracy(ClassifierRuntime(partial, precision=p, device="cpu"), images, labels)
-            out[p]["measured_with"] = "onnxruntime CPUExecutionProvider"
+            rt = ClassifierRuntime(partial, precision=p, device=gate_device(p))
+            out[p] = vit_accuracy(rt, images, labels)
+            out[p]["measured_with"] = provider_of(rt)
         except Exception as e:  # e.g. fp16 kernels missing on CPU: say so instead of guessing
             out[p] = {"measured": False, "reason": f"{type(e).__name__}: {str(e)[:300]}"}
             continue

@@ -39,8 +39,10 @@ class QualityGateError(Exception):
 def check_gates(task: str, quality: dict, *, max_loss: dict[str, float] | None = None) -> tuple[dict, list[str]]:
     """-> (the manifest's ``gates``: thresholds, measured losses, verdicts; the failures, one line each).
 
-    A precision whose quality could not be measured (no test data, no kernels on this machine) is recorded
-    as unchecked, not passed.
+    Each built precision gets a ``status``: "passed", "failed", or "not run" (its quality could not be
+    measured: no kernels for it on this machine, say) with the reason and never a pass; ``ran_on`` names the
+    ONNX Runtime provider that measured it. ``passed`` is true only when every built precision ran and passed;
+    only a failure fails the export (a variant that could not be measured is installed, marked not run).
     """
     gate = GATES[task]
     limits = {**gate.max_loss, **(max_loss or {})}
@@ -51,17 +53,21 @@ def check_gates(task: str, quality: dict, *, max_loss: dict[str, float] | None =
         out["reason"] = quality["skipped"]
         return out, failures
     out["checked"] = True
+    not_run = []
     for p, limit in limits.items():
         q = quality.get(p)
         if q is None:
             continue  # this precision was not built
         if gate.delta not in q:
-            out["precisions"][p] = {"checked": False, "reason": q.get("reason", "not measured")}
+            out["precisions"][p] = {"checked": False, "status": "not run", "reason": q.get("reason", "not measured")}
+            not_run.append(p)
             continue
         loss = round(-float(q[gate.delta]), 2) + 0.0  # + 0.0: no "-0.0"
         ok = loss <= limit
-        out["precisions"][p] = {"loss": loss, "max_loss": limit, "passed": ok}
+        out["precisions"][p] = {"loss": loss, "max_loss": limit, "passed": ok, "status": "passed" if ok else "failed",
+                                "ran_on": q.get("measured_with", "unknown")}
         if not ok:
             failures.append(f"{p} loses {loss} {gate.unit} against fp32 (allowed: {limit})")
-    out["passed"] = not failures
+    out["not_run"] = not_run
+    out["passed"] = not failures and not not_run
     return out, failures

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import sacrebleu
 from tqdm import tqdm
 
 from service.runtime import ClassifierRuntime, TranslatorRuntime
 from service.runtime.engine import EngineSettings
+
+
+def gate_device(precision: str) -> str:
+    """Where a precision's quality gate runs: fp16 is for GPUs, so on the CUDA provider when ONNX Runtime has
+    one; everything else (and fp16 without CUDA, which the CPU provider runs too, slowly) on the CPU provider."""
+    return "cuda" if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers() else "cpu"
+
+
+def provider_of(rt) -> str:
+    """The provider a runtime's sessions actually run on (the first one each session was given)."""
+    providers = {s.get_providers()[0] for s in rt.sessions.values()}
+    return ", ".join(sorted(providers))
 
 
 def translate_all(rt: TranslatorRuntime, texts: list[str], *, beam_size: int = 1, slots: int = 64) -> list[str]:

@@ -124,14 +124,15 @@ def test_quality_gates():
         "fp16": {"bleu": 29.75, "delta_bleu": -0.25},
     }
     gates, failures = check_gates("translation", quality)
-    assert gates["precisions"]["int8"] == {"loss": 0.5, "max_loss": 0.5, "passed": True}
+    assert gates["precisions"]["int8"] == {"loss": 0.5, "max_loss": 0.5, "passed": True, "status": "passed",
+                                           "ran_on": "unknown"}
     assert failures == ["fp16 loses 0.25 BLEU against fp32 (allowed: 0.2)"] and gates["passed"] is False
     quality = {"fp32": {"accuracy": 0.9}, "int8": {"accuracy": 0.894, "delta_points": -0.6}}
     gates, failures = check_gates("image-classification", quality)
     assert failures == ["int8 loses 0.6 accuracy points against fp32 (allowed: 0.5)"]
     assert "fp16" not in gates["precisions"]  # not built: nothing to check
     gates, failures = check_gates("image-classification", {"fp32": {}, "fp16": {"measured": False, "reason": "x"}})
-    assert failures == [] and gates["precisions"]["fp16"] == {"checked": False, "reason": "x"}
+    assert failures == [] and gates["precisions"]["fp16"] == {"checked": False, "status": "not run", "reason": "x"}
     gates, failures = check_gates("translation", {"skipped": "no data"})
     assert failures == [] and gates["checked"] is False
     assert "int8 loses" in str(QualityGateError("m/v", ["int8 loses 1 BLEU"]))
