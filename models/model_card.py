@@ -80,6 +80,9 @@ def write_card(path: Path) -> dict:
     history = "\n".join(f"| {json.dumps({k: v for k, v in h.items()})} |" for h in t.get("history", []))
     tok_note = ", `tokenizer.json`" if meta["kind"] == "translator" else ""
     note = f"\n- Note: {t['note']}" if t.get("note") else ""  # e.g. how the machine was shared
+    size_mb = (path / "model.safetensors").stat().st_size / 1e6
+    files = (f"`model.safetensors` (weights stored in fp16, {size_mb:.1f} MB, upcast to fp32 on load; no pickle),"
+             " `config.json` (architecture, training details, metrics)")
     card = f"""# {path.name}
 
 ## Model
@@ -95,7 +98,7 @@ def write_card(path: Path) -> dict:
 - Command: `{t["command"]}`
 - Hardware: {t["hardware"]}
 - Training time: {t["train_minutes"]} min ({t["steps"]} optimizer steps), seed {t["seed"]}{note}
-- Files: `model.safetensors` (weights, no pickle), `config.json` (architecture, training details, metrics){tok_note}
+- Files: {files}{tok_note}
 
 Validation history:
 
