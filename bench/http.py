@@ -169,13 +169,16 @@ def start_baseline(port: int, artifacts: str | None, device: str = "cpu") -> sub
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench http", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running attnserve")
-    p.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics")
-    p.add_argument("--routes", nargs="+", default=["translate", "classify"], choices=["translate", "classify"])
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    p.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
+                   help="the service's Prometheus export, for the mean batch size")
+    p.add_argument("--routes", nargs="+", default=["translate", "classify"], choices=["translate", "classify"],
+                   help="routes to load (default: both)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64],
+                   help="closed-loop clients, one point each")
     p.add_argument("--seconds", type=float, default=8.0, help="per route and concurrency, per server")
     p.add_argument("--items", type=int, default=1, help="texts or images per request")
-    p.add_argument("--baseline-port", type=int, default=8100)
-    p.add_argument("--no-baseline", action="store_true")
+    p.add_argument("--baseline-port", type=int, default=8100, help="loopback port for the baseline server")
+    p.add_argument("--no-baseline", action="store_true", help="measure the service only")
     p.add_argument("--artifacts", help="artifact root for the baseline (default: as the service resolves it)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="the baseline's ONNX Runtime provider; the service must run on the same (checked)")
