@@ -21,7 +21,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("translate",): ("service.client:translate_main", "translate with a running server (--attention, --png)"),
     ("classify",): ("service.client:classify_main", "classify images with a running server (--png)"),
     # Benchmarks: programs that print tables, in bench/ (not part of the serving image).
-    ("bench", "runtime"): ("bench.runtime:main", "ONNX Runtime vs PyTorch vs CTranslate2"),
+    ("bench", "runtime"): ("bench.runtime:main", "the serving engine vs CTranslate2 (same weights, threads)"),
     ("bench", "http"): ("bench.http:main", "the HTTP service vs a single-process baseline"),
     ("bench", "engine"): ("bench.engine:main", "continuous-batching engine vs request-level batching"),
     ("bench", "explain"): ("bench.explain:main", "ViT attention maps vs random order: deletion/insertion curves"),

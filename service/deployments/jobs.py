@@ -12,11 +12,12 @@ configurable limits (texts, characters, images, bytes) are `service/config.py: L
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
+if TYPE_CHECKING:  # annotations only: the client imports the bounds below without numpy or the runtime
+    import numpy as np
 
-from service.runtime.translator import TranslationResult
+    from service.runtime.translator import TranslationResult
 
 MAX_BEAM = 8
 MAX_NEW_TOKENS = 256
@@ -103,4 +104,6 @@ class ClassifyResult:
 
     def top_k(self, k: int) -> np.ndarray:
         """(n, k) class indices, most likely first (ties: the lower index)."""
+        import numpy as np
+
         return np.argsort(-self.probs, axis=1, kind="stable")[:, :k]

@@ -35,9 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.config import AppArgs
-
-MODEL_COMPONENTS = ("translator", "classifier")  # the `component` of each model app in the Serve config
+from service.config import MODEL_APPS, AppArgs
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,7 @@ def backends(config: dict[str, Any]) -> list[Backend]:
     for app in config["applications"]:
         args = dict(app.get("args") or {})
         component = args.pop("component", None)
-        if component not in MODEL_COMPONENTS:
+        if component not in MODEL_APPS:
             continue
         model = getattr(AppArgs.model_validate(args), component)
         deployment = (app.get("deployments") or [{}])[0]

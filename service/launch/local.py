@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import yaml
 
-from service.config import REPO_ROOT, AppArgs
+from service.config import MODEL_APPS, REPO_ROOT, AppArgs
 from service.launch import devices
 from service.launch.front import Front, binary, serve_targets
 from service.launch.ports import choose_port
@@ -206,7 +206,6 @@ def wait_ready(base: str, timeout_s: float) -> None:
     raise TimeoutError(f"not ready within {timeout_s:.0f} s")
 
 
-MODEL_APPS = ("translator", "classifier")  # the Serve application names in deploy/serve_config.yaml
 
 
 async def _drain_and_shutdown(timeout_s: float) -> None:
