@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bench.runtime import check_device
 from service.runtime import TranslatorRuntime, find_artifact
 from service.runtime.engine import EngineSettings, Sequence
 
@@ -201,9 +202,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="which batching to measure (default: both)")
     p.add_argument("--precision", default="fp32", help="exported graph: fp32, int8 or fp16")
     p.add_argument("--seed", type=int, default=0, help="seed of the arrivals and texts")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="ONNX Runtime provider of both arms (cuda: the engine keeps its decode state on the GPU; "
+                   "fails when ONNX Runtime has no CUDA provider)")
     a = p.parse_args(argv)
+    check_device(a.device)
 
-    rt = TranslatorRuntime(find_artifact(a.artifacts, "translator-en-es"), precision=a.precision, device="cpu")
+    rt = TranslatorRuntime(find_artifact(a.artifacts, "translator-en-es"), precision=a.precision, device=a.device)
     texts = test_texts(2000)
     rt.translate_engine(texts[:8])  # warm up both paths
     rt.translate(texts[:8])

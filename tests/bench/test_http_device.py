@@ -1,4 +1,4 @@
-"""`attnserve bench http --device cuda` refuses clearly where ONNX Runtime has no CUDA provider (this CPU
+"""`attnserve bench http|engine --device cuda` refuses clearly where ONNX Runtime has no CUDA provider (this CPU
 machine), both in the bench and in the baseline server it starts."""
 
 from __future__ import annotations
@@ -29,3 +29,10 @@ def test_baseline_server_fails_at_start_without_cuda():
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert "DeviceError" in run.stderr and "device 'cuda' asked for" in run.stderr
+
+
+def test_engine_bench_stops_before_measuring_without_cuda():
+    run = subprocess.run([sys.executable, "-m", "service.cli", "bench", "engine", "--device", "cuda"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "--device cuda" in run.stderr and "install onnxruntime-gpu" in run.stderr
