@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Workload: {args.sentences} test sentences (length-mixed batches, greedy/beam up to 128"
             " tokens); tokens counts generated target tokens (no EOS). The engine row is the serving path: one"
             " engine per configuration, each batch submitted at once and iterated until idle.",
-            f"CTranslate2 greedy tokens equal the engine's on {same}/{len(samples[0]) if samples else 0}"
-            " sample sentences.",
+            (f"CTranslate2 greedy tokens equal the engine's on {same}/{len(samples[0])} fp32 sample sentences."
+             if same is not None else "Tokens are compared with CTranslate2's on fp32 runs only (none in this run)."),
             "Rates per CPU-second are of each backend's process (1 compute thread): on a shared, loaded CPU"
             " wall-clock rates swing between neighbouring rows, so compare ratios.",
             "",
