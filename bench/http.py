@@ -226,6 +226,7 @@ def table(rows: list[tuple[str, int, dict, dict | None]], items: int, device: st
     for route, c, r, b in rows:
         base = (f"{b['rps']:.1f} | {b['p50']:.1f} / {b['p99']:.1f} | {b['errors']} | {r['rps'] / b['rps']:.2f}x"
                 if b and b["rps"] else "- | - | - | -")
+        batch = "-" if np.isnan(r["batch"]) else f"{r['batch']:.2f}"  # the translator has no request batches
         lines.append(f"| {route} | {c} | {r['rps']:.1f} | {r['items_s']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | "
-                     f"{r['p99']:.1f} | {r['errors']} | {r['batch']:.2f} | {base} |")
+                     f"{r['p99']:.1f} | {r['errors']} | {batch} | {base} |")
     return "\n".join(lines)
