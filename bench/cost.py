@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
-from bench.http import bodies, start_baseline
+from bench.http import add_load_args, bodies, start_baseline
 
 WARMUP = 20
 
@@ -141,15 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running attnserve (loopback only)")
-    p.add_argument("--routes", nargs="+", default=["translate", "classify"], choices=["translate", "classify"],
-                   help="routes to load (default: both)")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 32],
-                   help="closed-loop clients, one row each")
+    add_load_args(p, concurrency=[1, 32])
     p.add_argument("--requests", type=int, default=400, help="per route and concurrency")
-    p.add_argument("--items", type=int, default=1, help="texts or images per request")
-    p.add_argument("--baseline-port", type=int, default=8100, help="loopback port for the baseline server")
-    p.add_argument("--no-baseline", action="store_true", help="measure the service only")
-    p.add_argument("--artifacts", help="artifact root for the baseline (default: as the service resolves it)")
     a = p.parse_args(argv)
     url = urlparse(a.url)
     if url.hostname not in ("127.0.0.1", "localhost"):

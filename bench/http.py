@@ -166,20 +166,25 @@ def start_baseline(port: int, artifacts: str | None, device: str = "cpu") -> sub
     raise RuntimeError("baseline server did not start")
 
 
+def add_load_args(p: argparse.ArgumentParser, *, concurrency: list[int]) -> None:
+    """The load and baseline flags `bench http` and `bench cost` share."""
+    p.add_argument("--routes", nargs="+", default=["translate", "classify"], choices=["translate", "classify"],
+                   help="routes to load (default: both)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=concurrency,
+                   help="closed-loop clients, one row each")
+    p.add_argument("--items", type=int, default=1, help="texts or images per request")
+    p.add_argument("--baseline-port", type=int, default=8100, help="loopback port for the baseline server")
+    p.add_argument("--no-baseline", action="store_true", help="measure the service only")
+    p.add_argument("--artifacts", help="artifact root for the baseline (default: as the service resolves it)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="attnserve bench http", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the running attnserve")
     p.add_argument("--metrics-url", default="http://127.0.0.1:8080/metrics",
                    help="the service's Prometheus export, for the mean batch size")
-    p.add_argument("--routes", nargs="+", default=["translate", "classify"], choices=["translate", "classify"],
-                   help="routes to load (default: both)")
-    p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64],
-                   help="closed-loop clients, one point each")
+    add_load_args(p, concurrency=[1, 8, 32, 64])
     p.add_argument("--seconds", type=float, default=8.0, help="per route and concurrency, per server")
-    p.add_argument("--items", type=int, default=1, help="texts or images per request")
-    p.add_argument("--baseline-port", type=int, default=8100, help="loopback port for the baseline server")
-    p.add_argument("--no-baseline", action="store_true", help="measure the service only")
-    p.add_argument("--artifacts", help="artifact root for the baseline (default: as the service resolves it)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="the baseline's ONNX Runtime provider; the service must run on the same (checked)")
     p.add_argument("--metrics-wait", type=float, default=40.0, help="max wait for a scrape to count a run")
